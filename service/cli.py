@@ -1,0 +1,85 @@
+"""The `citadel-llm` command: serve, the three process roles, demo-model, config show."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="citadel-llm", description="Efficient Phi-3-mini serving on vLLM")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("serve", "run the engine worker, gateway and orchestrator, restarting any that dies"),
+        ("engine", "run the vLLM engine worker process"),
+        ("gateway", "run the HTTP gateway process"),
+        ("orchestrator", "run the efficiency orchestrator process"),
+    ):
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("--config", help="YAML configuration file (default: $PHI_3_MINI_CONFIG)")
+    demo = sub.add_parser("demo-model", help="write the small random-weight Phi-3 demo model")
+    demo.add_argument("dir")
+    config = sub.add_parser("config", help="configuration commands")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="print the configuration in force")
+    show.add_argument("--config", help="YAML configuration file")
+    show.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    return parser
+
+
+def _title(role: str) -> None:
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(f"citadel-llm {role}")
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from shared.config import ConfigError, load_config, to_sections
+    from shared.logging import configure_logging
+
+    if args.command == "demo-model":
+        from service.demo_model import make_demo_model
+
+        print(make_demo_model(args.dir))
+        return 0
+    if getattr(args, "config", None):
+        os.environ["PHI_3_MINI_CONFIG"] = os.path.abspath(args.config)  # children inherit it
+    try:
+        config = load_config()
+    except (ConfigError, OSError) as exc:
+        print(f"citadel-llm: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        import msgspec
+
+        sections = to_sections(config)
+        if args.format == "json":
+            print(msgspec.json.format(msgspec.json.encode(sections).decode()))
+        else:
+            import yaml
+
+            print(yaml.safe_dump(sections, sort_keys=False), end="")
+        return 0
+    role = args.command
+    configure_logging(config.log_level, role)
+    _title(role)
+    if role == "serve":
+        from service.supervisor import run_serve
+
+        return run_serve(os.environ.get("PHI_3_MINI_CONFIG"))
+    if role == "engine":
+        from service.engine.main import run_engine
+
+        return run_engine(config)
+    if role == "gateway":
+        from service.gateway.app import run_gateway
+
+        return run_gateway(config)
+    from orchestrator.main import run_orchestrator
+
+    return run_orchestrator(config)

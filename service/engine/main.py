@@ -1,0 +1,141 @@
+"""Entry of the engine worker process (`citadel-llm engine`).
+
+Steps: set the engine's environment → load vLLM → listen on the Unix socket →
+serve until SIGTERM/SIGINT, engine death or parent death → drain → shut down.
+Exit codes tell `serve` what happened: 0 stopped, 1 died while running, 2 failed to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
+from shared import protocol as p
+from shared.config import Phi3MiniConfig
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+EXIT_STOPPED, EXIT_DIED, EXIT_START_FAILED = 0, 1, 2
+DRAIN_TIMEOUT_S = 10.0
+PARENT_POLL_S = 1.0
+
+
+def run_engine(config: Phi3MiniConfig) -> int:
+    from service.engine import settings
+
+    cpu = _cpu_host()
+    os.environ.update(settings.prepare_environment(config, cpu))
+    try:
+        return asyncio.run(_main(config, cpu))
+    except KeyboardInterrupt:
+        return EXIT_STOPPED
+
+
+def _cpu_host() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
+    from service.engine import settings
+    from service.engine.server import EngineServer
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    parent = os.getppid()
+
+    socket_path = config.engine_socket_path()
+    engine = None
+    try:
+        started = time.monotonic()
+        model = settings.resolve_model(config)
+        args = settings.engine_args(config, model, cpu)
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        log.info("engine loading", model_path=str(model.path), demo_model=model.demo,
+                 dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                 max_num_batched_tokens=args.max_num_batched_tokens,
+                 kv_cache_bytes=args.kv_cache_memory_bytes, omp_threads=os.environ.get("OMP_NUM_THREADS"))
+        engine = AsyncLLM.from_engine_args(args)
+        settings.unpin_this_process()
+        load_s = time.monotonic() - started
+        welcome = p.Welcome(
+            protocol_version=p.PROTOCOL_VERSION,
+            model_name=config.model_name,
+            model_path=str(model.path),
+            served_names=list(config.served_names),
+            max_model_len=config.max_model_len,
+            dtype=str(engine.model_config.dtype).removeprefix("torch."),
+            demo_model=model.demo,
+            load_seconds=round(load_s, 3),
+            engine_pid=os.getpid(),
+        )
+        server = EngineServer(engine, welcome, engine.model_config.get_vocab_size())
+        listener = await _listen(loop, server, socket_path)
+    except Exception:
+        log.exception("engine failed to start")
+        if engine is not None:
+            engine.shutdown()
+        return EXIT_START_FAILED
+
+    log.info("engine ready", socket=str(socket_path), load_seconds=round(load_s, 2),
+             demo_model=model.demo, pid=os.getpid())
+    if model.demo:
+        log.warning("SERVING THE RANDOM-WEIGHT DEMO MODEL: its output is noise", model_path=str(model.path))
+    exit_code = EXIT_STOPPED
+    try:
+        watch = loop.create_task(_watch(engine, server, parent), name="engine-watch")
+        stopped = loop.create_task(stop.wait(), name="stop-signal")
+        done, _ = await asyncio.wait({watch, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if watch in done:
+            reason = watch.result()
+            log.error("engine worker stopping", reason=reason)
+            exit_code = EXIT_DIED if reason == "engine dead" else EXIT_STOPPED
+        for task in (watch, stopped):
+            task.cancel()
+        await asyncio.gather(watch, stopped, return_exceptions=True)
+        # Ordered shutdown: stop accepting, drain, cancel the rest, release the engine.
+        listener.close()
+        if exit_code == EXIT_STOPPED:
+            await server.drain(DRAIN_TIMEOUT_S)
+        else:
+            await server.drain(0)
+    finally:
+        with contextlib.suppress(Exception):
+            listener.close()
+        engine.shutdown()
+        with contextlib.suppress(FileNotFoundError):
+            socket_path.unlink()
+        log.info("engine stopped", exit_code=exit_code)
+    return exit_code
+
+
+async def _listen(loop: asyncio.AbstractEventLoop, server: "object", path: Path) -> asyncio.Server:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a stale socket from a killed worker
+    old_umask = os.umask(0o177)  # the socket file is created 0600
+    try:
+        return await loop.create_unix_server(server.connection, str(path))  # type: ignore[attr-defined]
+    finally:
+        os.umask(old_umask)
+
+
+async def _watch(engine: "object", server: "object", parent: int) -> str:
+    """Return why the worker must stop: engine death or the parent gone."""
+    dead = server.dead  # type: ignore[attr-defined]
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(dead.wait(), PARENT_POLL_S)
+        if dead.is_set() or engine.errored:  # type: ignore[attr-defined]
+            return "engine dead"
+        if os.getppid() != parent:
+            return "parent gone"

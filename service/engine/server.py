@@ -1,0 +1,201 @@
+"""The engine worker's socket server: many concurrent requests over Unix-socket connections,
+multiplexed by rid, each run as one task against vLLM's AsyncLLM.
+
+An error in one request ends that request with a `Failure`; only an engine-level
+failure (EngineDeadError) ends the process, so that `serve` restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+from shared import protocol as p
+from shared.framing import FrameConnection
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+_FINISH = {"stop": p.FinishReason.STOP, "length": p.FinishReason.LENGTH, "abort": p.FinishReason.ABORT}
+
+
+class RequestError(Exception):
+    """Bad input found by the worker (it knows the tokenizer and the context length)."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+class EngineServer:
+    """Owns the AsyncLLM and the tasks of all requests in flight."""
+
+    def __init__(self, engine: Any, welcome: p.Welcome, vocab_size: int) -> None:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        self.engine = engine
+        self.welcome = welcome
+        self.max_model_len = welcome.max_model_len
+        self.vocab_size = vocab_size
+        self.tokenizer = engine.get_tokenizer()
+        self.dead = asyncio.Event()  # set when the engine core has died
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._conn_ids = itertools.count(1)
+        self._SamplingParams = SamplingParams
+        self._TokensPrompt = TokensPrompt
+        self._kinds = (RequestOutputKind.FINAL_ONLY, RequestOutputKind.DELTA)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    def connection(self) -> EngineConnection:
+        return EngineConnection(self, next(self._conn_ids))
+
+    # ---------------------------------------------------------------- one request
+    def start(self, conn: EngineConnection, msg: p.Generate) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self._run(conn, msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("prompt must not be empty", "prompt")
+            ids: list[int] = self.tokenizer.encode(prompt)
+        else:
+            ids = prompt
+            if not ids:
+                raise RequestError("prompt must not be empty", "prompt")
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise RequestError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})", "prompt")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. "
+                f"However, your prompt contains {len(ids)} tokens, leaving no room for output.",
+                "prompt",
+            )
+        return ids
+
+    def _sampling(self, spec: p.SamplingSpec, prompt_len: int, stream: bool) -> Any:
+        room = self.max_model_len - prompt_len
+        max_tokens = room if spec.max_tokens is None else spec.max_tokens
+        if max_tokens > room:
+            raise RequestError(
+                f"max_tokens={max_tokens} does not fit: the prompt has {prompt_len} tokens and the "
+                f"context is {self.max_model_len}, so at most {room} tokens can be generated.",
+                "max_tokens",
+            )
+        return self._SamplingParams(
+            n=spec.n,
+            max_tokens=max_tokens,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            top_k=spec.top_k,
+            seed=spec.seed,
+            stop=spec.stop or None,
+            stop_token_ids=spec.stop_token_ids or None,
+            ignore_eos=spec.ignore_eos,
+            presence_penalty=spec.presence_penalty,
+            frequency_penalty=spec.frequency_penalty,
+            repetition_penalty=spec.repetition_penalty,
+            min_tokens=spec.min_tokens,
+            output_kind=self._kinds[stream],
+        )
+
+    async def _run(self, conn: EngineConnection, msg: p.Generate) -> None:
+        from vllm.exceptions import VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        rid = msg.rid
+        try:
+            ids = self._prompt_ids(msg.prompt)
+            params = self._sampling(msg.params, len(ids), msg.stream)
+            prompt = self._TokensPrompt(prompt_token_ids=ids)
+            request_id = f"{conn.conn_id}-{rid}"
+            finish = _FINISH
+            async for out in self.engine.generate(prompt, params, request_id):
+                choices = [
+                    p.Choice(c.index, c.text, len(c.token_ids), finish.get(c.finish_reason))  # type: ignore[arg-type]
+                    for c in out.outputs
+                ]
+                if out.finished:
+                    conn.send(p.Output(rid, choices, True, len(ids)))
+                    return
+                conn.send(p.Output(rid, choices))
+                await conn.wait_writable(30.0)
+        except RequestError as exc:
+            conn.send(p.Failure(rid, exc.status, str(exc), exc.param))
+        except VLLMValidationError as exc:
+            conn.send(p.Failure(rid, 400, str(exc), getattr(exc, "parameter", None)))
+        except (ValueError, TypeError) as exc:
+            conn.send(p.Failure(rid, 400, str(exc)))
+        except EngineDeadError as exc:
+            conn.send(p.Failure(rid, 503, f"engine unavailable: {exc}", code="engine_dead"))
+            self.dead.set()
+        except asyncio.CancelledError:
+            raise  # AsyncLLM.generate aborts the request inside the engine on cancel
+        except TimeoutError:
+            log.warning("client stopped reading: request aborted", rid=rid, request_id=msg.request_id)
+        except Exception as exc:  # one bad request must not take the worker down
+            log.exception("request failed", rid=rid, request_id=msg.request_id)
+            conn.send(p.Failure(rid, 500, f"internal error: {type(exc).__name__}: {exc}"))
+        finally:
+            conn.requests.pop(rid, None)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Let requests in flight finish (bounded), then cancel the rest."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=5.0)
+
+
+class EngineConnection(FrameConnection[p.GatewayMessage]):
+    """One client connection (the gateway, or a test): handshake first, then requests."""
+
+    def __init__(self, server: EngineServer, conn_id: int) -> None:
+        super().__init__(p.GatewayMessage)
+        self.server = server
+        self.conn_id = conn_id
+        self.greeted = False
+        self.requests: dict[int, asyncio.Task[None]] = {}
+
+    def on_message(self, msg: p.GatewayMessage) -> None:
+        match msg:
+            case p.Generate() if self.greeted:
+                if msg.rid in self.requests:
+                    self.send(p.Failure(msg.rid, 400, f"rid {msg.rid} is already in flight"))
+                    return
+                self.requests[msg.rid] = self.server.start(self, msg)
+            case p.Abort(rid=rid):
+                task = self.requests.pop(rid, None)
+                if task is not None:
+                    task.cancel()
+            case p.Hello(protocol_version=version):
+                if version != p.PROTOCOL_VERSION:
+                    self.send(p.HandshakeRefused(f"protocol {version} unsupported; this worker speaks {p.PROTOCOL_VERSION}"))
+                    self.close()
+                    return
+                self.greeted = True
+                self.send(self.server.welcome)
+            case _:
+                log.warning("message before handshake: closing connection", conn=self.conn_id)
+                self.close()
+
+    def on_lost(self, exc: Exception | None) -> None:
+        # The peer is gone: abort everything it asked for.
+        for task in self.requests.values():
+            task.cancel()
+        self.requests.clear()
+
+    def on_bad_frame(self, exc: Exception) -> None:
+        log.warning("malformed frame: closing connection", conn=self.conn_id, error=str(exc))
+        super().on_bad_frame(exc)  # type: ignore[arg-type]

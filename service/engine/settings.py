@@ -1,0 +1,168 @@
+"""Turns a Phi3MiniConfig into vLLM engine arguments and the process environment they need.
+
+Where a setting takes effect: engine limits go to `AsyncEngineArgs`; `cpu_cores`
+becomes the engine's OpenMP thread count and CPU binding; on a CPU host the KV
+cache is sized so that weights + cache + runtime fit in `memory_gb`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.config import ConfigError, Phi3MiniConfig
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+GIB = 1 << 30
+# Resident memory of the service's Python processes besides weights and KV cache
+# (gateway, engine worker with vLLM's front end, EngineCore with torch), measured
+# on the demo model; the KV cache gets what is left of memory_gb.
+RUNTIME_OVERHEAD_BYTES = int(1.6 * GIB)
+MIN_KV_CACHE_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    path: Path
+    demo: bool
+
+
+def resolve_model(config: Phi3MiniConfig) -> ModelChoice:
+    """The configured weights if they are there, else the locally made demo model."""
+    path = Path(config.model_path).expanduser()
+    if (path / "config.json").exists():
+        from service.demo_model import is_demo_model
+
+        return ModelChoice(path, is_demo_model(path))
+    from service.demo_model import make_demo_model
+
+    demo = Path(config.demo_model_dir).expanduser()
+    log.warning(
+        "model weights not found: serving the RANDOM-WEIGHT DEMO MODEL instead",
+        model_path=str(path), demo_model_dir=str(demo),
+    )
+    return ModelChoice(make_demo_model(demo), True)
+
+
+def is_cpu_host() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def resolve_dtype(config: Phi3MiniConfig, cpu: bool) -> str:
+    # vLLM's own "auto" picks bfloat16 on CPU, which dies with SIGILL on CPUs
+    # without native bf16 support; float32 runs everywhere.
+    if config.dtype == "auto" and cpu:
+        return "float32"
+    return config.dtype
+
+
+def kv_cache_bytes(config: Phi3MiniConfig, model_dir: Path, dtype: str) -> int:
+    """KV cache that fits next to the weights and the runtime inside memory_gb."""
+    import json
+
+    hf = json.loads((model_dir / "config.json").read_text())
+    layers = hf["num_hidden_layers"]
+    heads = hf["num_attention_heads"]
+    kv_heads = hf.get("num_key_value_heads") or heads
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    elem = 4 if dtype == "float32" else 2
+    per_token = 2 * layers * kv_heads * head_dim * elem
+    wanted = per_token * config.max_model_len * config.max_num_seqs
+    weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    saved_elem = 4 if hf.get("torch_dtype", hf.get("dtype")) == "float32" else 2
+    weights = weights * elem // saved_elem
+    budget = int(config.memory_gb * GIB) - weights - RUNTIME_OVERHEAD_BYTES
+    one_sequence = per_token * config.max_model_len
+    if budget < one_sequence:
+        log.warning(
+            "memory_gb leaves no room for the KV cache of one full sequence; using that minimum",
+            memory_gb=config.memory_gb, weights_bytes=weights, kv_cache_bytes=one_sequence,
+        )
+        return max(one_sequence, MIN_KV_CACHE_BYTES)
+    return max(min(wanted, budget), MIN_KV_CACHE_BYTES)
+
+
+def engine_cpu_list(config: Phi3MiniConfig) -> list[int]:
+    """CPUs for the engine's OpenMP threads: cpu_cores of the allowed ones, leaving one
+    for the gateway and scheduler when there are two or more."""
+    allowed = sorted(os.sched_getaffinity(0))
+    cores = min(config.cpu_cores, len(allowed))
+    threads = max(1, cores - 1)
+    return allowed[cores - threads : cores]
+
+
+def prepare_environment(config: Phi3MiniConfig, cpu: bool) -> dict[str, str]:
+    """Environment for the engine, set before vLLM is imported in this process."""
+    env: dict[str, str] = {
+        # Keep the model in the EngineCore process (no separate worker process):
+        # one process and ~0.7 GB fewer. vLLM's CPU platform forces the multiprocess
+        # executor unless this is 0.
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_NO_USAGE_STATS": "1",
+        "VLLM_CONFIGURE_LOGGING": "1",
+        "VLLM_LOGGING_LEVEL": config.log_level if config.log_level != "CRITICAL" else "ERROR",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+    }
+    if cpu:
+        cpus = engine_cpu_list(config)
+        env["OMP_NUM_THREADS"] = str(len(cpus))
+        if config.cpu_optimization:
+            env["OMP_PLACES"] = "{" + ",".join(map(str, cpus)) + "}"
+            env["OMP_PROC_BIND"] = "true"
+    return env
+
+
+def engine_args(config: Phi3MiniConfig, model: ModelChoice, cpu: bool) -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    dtype = resolve_dtype(config, cpu)
+    if cpu and dtype == "bfloat16":
+        log.warning("bfloat16 on a CPU host may crash with SIGILL; float32 is the safe choice")
+    if config.max_model_len > 4096:
+        raise ConfigError("max_model_len", config.max_model_len, "Phi-3-mini-4k supports at most 4096")
+    kwargs: dict[str, Any] = dict(
+        model=str(model.path),
+        tokenizer=str(model.path),
+        served_model_name=list(config.served_names),
+        dtype=dtype,
+        seed=config.seed,
+        max_model_len=config.max_model_len,
+        tensor_parallel_size=config.tensor_parallel_size,
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        enforce_eager=config.enforce_eager,
+        disable_log_stats=True,
+        enable_log_requests=False,
+    )
+    if cpu:
+        if config.memory_optimization:
+            kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(config, model.path, dtype)
+        else:
+            kwargs["gpu_memory_utilization"] = 0.1
+    else:
+        kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+    if config.swap_space:
+        # vLLM's V1 engine preempts by recomputation and has no CPU swap space.
+        log.warning("swap_space has no effect on vLLM's V1 engine", swap_space=config.swap_space)
+    return AsyncEngineArgs(**kwargs)
+
+
+def unpin_this_process() -> None:
+    """Undo the OpenMP binding in this (front-end) process once the EngineCore has
+    started with it: tokenizing and detokenizing must not share the engine's core."""
+    allowed = os.sched_getaffinity(0) | set(_ALLOWED_AT_START)
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), allowed)
+        except OSError:
+            pass
+
+
+_ALLOWED_AT_START = frozenset(os.sched_getaffinity(0))

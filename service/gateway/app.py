@@ -1,0 +1,71 @@
+"""The gateway process: an aiohttp app factory and the process entry (`citadel-llm gateway`)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from service.gateway import handlers
+from service.gateway.engine_client import EngineClient
+from service.gateway.errors import error_middleware
+from service.gateway.keys import CLIENT, CONFIG, DRAINING, STARTED
+from shared.config import Phi3MiniConfig
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+DRAIN_TIMEOUT_S = 10.0
+KEEPALIVE_TIMEOUT_S = 75.0
+
+
+def create_app(config: Phi3MiniConfig) -> web.Application:
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
+    app[CONFIG] = config
+    app[CLIENT] = EngineClient(config.engine_socket_path())
+    app[STARTED] = time.time()
+    app[DRAINING] = asyncio.Event()
+    app.cleanup_ctx.append(_engine_client)
+    app.router.add_post("/v1/completions", handlers.completions)
+    app.router.add_get("/v1/models", handlers.models)
+    app.router.add_get("/health", handlers.health)
+    app.router.add_get("/version", handlers.version)
+    return app
+
+
+async def _engine_client(app: web.Application) -> AsyncIterator[None]:
+    client = app[CLIENT]
+    await client.start()
+    yield
+    await client.close()
+
+
+def run_gateway(config: Phi3MiniConfig) -> int:
+    import uvloop
+
+    return uvloop.run(_serve(config))
+
+
+async def _serve(config: Phi3MiniConfig) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    app = create_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                           keepalive_timeout=KEEPALIVE_TIMEOUT_S, shutdown_timeout=DRAIN_TIMEOUT_S)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_address=True)
+    await site.start()
+    log.info("gateway listening", host=config.host, port=config.port, engine_socket=str(config.engine_socket_path()))
+    try:
+        await stop.wait()
+        log.info("gateway draining", drain_timeout_s=DRAIN_TIMEOUT_S)
+        app[DRAINING].set()
+    finally:
+        await runner.cleanup()  # stops accepting, waits for handlers (bounded), closes the client
+    log.info("gateway stopped")
+    return 0

@@ -1,0 +1,228 @@
+"""The gateway's client of the engine worker: one Unix-socket connection, kept up by one
+owned task, multiplexing every request by rid.
+
+Frames are dispatched synchronously from the protocol's `data_received` to a per-request
+future (one answer) or queue (a stream). When the connection drops, every waiter gets
+`EngineUnavailable` at once, and the connector task reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from shared import protocol as p
+from shared.framing import FrameConnection
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+HANDSHAKE_TIMEOUT_S = 5.0
+RECONNECT_MIN_S = 0.1
+RECONNECT_MAX_S = 2.0
+
+
+class EngineUnavailable(Exception):
+    """The engine worker is not connected (loading, restarting or dead)."""
+
+
+class RequestFailed(Exception):
+    """The worker ended this request with an error."""
+
+    def __init__(self, failure: p.Failure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+class DeadlineExceeded(Exception):
+    """The request passed its deadline and was aborted in the engine."""
+
+
+_Sink = asyncio.Future | asyncio.Queue
+
+
+class _Connection(FrameConnection[p.WorkerMessage]):
+    def __init__(self, client: EngineClient) -> None:
+        super().__init__(p.WorkerMessage)
+        self.client = client
+        self.welcome: asyncio.Future[p.Welcome] = asyncio.get_running_loop().create_future()
+        self.lost = asyncio.Event()
+
+    def on_message(self, msg: p.WorkerMessage) -> None:
+        match msg:
+            case p.Output(rid=rid) | p.Failure(rid=rid):
+                self.client._deliver(rid, msg)
+            case p.Welcome():
+                if not self.welcome.done():
+                    self.welcome.set_result(msg)
+            case p.HandshakeRefused(message=message):
+                if not self.welcome.done():
+                    self.welcome.set_exception(EngineUnavailable(f"handshake refused: {message}"))
+
+    def on_lost(self, exc: Exception | None) -> None:
+        if not self.welcome.done():
+            self.welcome.set_exception(EngineUnavailable("connection lost during handshake"))
+        self.lost.set()
+        self.client._on_lost(self)
+
+
+class EngineClient:
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self.info: p.Welcome | None = None  # set while connected and greeted
+        self.ever_connected = False
+        self._conn: _Connection | None = None
+        self._sinks: dict[int, _Sink] = {}
+        self._rids = itertools.count(1)
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._keep_connected(), name="engine-connector")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._conn is not None:
+            self._conn.close()
+        self._fail_all(EngineUnavailable("gateway shutting down"))
+
+    @property
+    def ready(self) -> bool:
+        return self.info is not None
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        await asyncio.wait_for(self._ready.wait(), timeout_s)
+
+    async def _keep_connected(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = RECONNECT_MIN_S
+        while True:
+            try:
+                _, conn = await loop.create_unix_connection(lambda: _Connection(self), str(self.socket_path))
+                conn.send(p.Hello(p.PROTOCOL_VERSION, "gateway"))
+                self.info = await asyncio.wait_for(conn.welcome, HANDSHAKE_TIMEOUT_S)
+            except (OSError, EngineUnavailable, TimeoutError) as exc:
+                if self.ever_connected or delay >= RECONNECT_MAX_S:
+                    log.debug("engine not reachable yet", socket=str(self.socket_path), error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+                continue
+            self._conn = conn
+            self.ever_connected = True
+            self._ready.set()
+            delay = RECONNECT_MIN_S
+            log.info("engine connected", engine_pid=self.info.engine_pid,
+                     load_seconds=self.info.load_seconds, demo_model=self.info.demo_model)
+            await conn.lost.wait()
+            log.warning("engine connection lost; reconnecting")
+
+    def _on_lost(self, conn: _Connection) -> None:
+        if self._conn is conn:
+            self._conn = None
+            self.info = None
+            self._ready.clear()
+        self._fail_all(EngineUnavailable("the engine worker went away"))
+
+    def _fail_all(self, exc: Exception) -> None:
+        sinks, self._sinks = self._sinks, {}
+        for sink in sinks.values():
+            if isinstance(sink, asyncio.Queue):
+                sink.put_nowait(exc)
+            elif not sink.done():
+                sink.set_exception(exc)
+
+    def _deliver(self, rid: int, msg: p.Output | p.Failure) -> None:
+        sink = self._sinks.get(rid)
+        if sink is None:
+            return  # aborted already
+        if isinstance(sink, asyncio.Queue):
+            sink.put_nowait(msg)
+            if isinstance(msg, p.Failure) or msg.finished:
+                del self._sinks[rid]
+        else:
+            del self._sinks[rid]
+            if not sink.done():
+                if isinstance(msg, p.Failure):
+                    sink.set_exception(RequestFailed(msg))
+                else:
+                    sink.set_result(msg)
+
+    # ---------------------------------------------------------------- requests
+    def _submit(self, prompt: str | list[int], params: p.SamplingSpec, stream: bool,
+                request_id: str, sink: _Sink) -> int:
+        conn = self._conn
+        if conn is None or self.info is None:
+            raise EngineUnavailable("the engine is not connected")
+        rid = next(self._rids)
+        self._sinks[rid] = sink
+        conn.send(p.Generate(rid, prompt, params, stream, request_id))
+        return rid
+
+    def _abort(self, rids: Sequence[int]) -> None:
+        conn = self._conn
+        for rid in rids:
+            if self._sinks.pop(rid, None) is not None and conn is not None:
+                conn.send(p.Abort(rid))
+
+    async def complete(self, prompts: Sequence[str | list[int]], params: p.SamplingSpec,
+                       request_id: str, timeout_s: float) -> list[p.Output]:
+        """One final Output per prompt, in order."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[p.Output]] = []
+        rids: list[int] = []
+        try:
+            for prompt in prompts:
+                fut = loop.create_future()
+                rids.append(self._submit(prompt, params, False, request_id, fut))
+                futures.append(fut)
+            async with asyncio.timeout(timeout_s):
+                if len(futures) == 1:
+                    return [await futures[0]]
+                return list(await asyncio.gather(*futures))
+        except TimeoutError:
+            raise DeadlineExceeded(f"no answer within {timeout_s:g} s") from None
+        finally:
+            self._abort([rid for rid, fut in zip(rids, futures) if not fut.done()])
+            for fut in futures:  # gather leaves sibling failures unretrieved
+                if fut.done() and not fut.cancelled():
+                    fut.exception()
+
+    async def stream(self, prompts: Sequence[str | list[int]], params: p.SamplingSpec,
+                     request_id: str, timeout_s: float) -> AsyncIterator[tuple[int, p.Output]]:
+        """Yield (prompt index, Output delta) until every prompt's stream has finished."""
+        queue: asyncio.Queue[p.Output | p.Failure | Exception] = asyncio.Queue()
+        rids: list[int] = []
+        open_rids: set[int] = set()
+        try:
+            for prompt in prompts:
+                rid = self._submit(prompt, params, True, request_id, queue)
+                rids.append(rid)
+                open_rids.add(rid)
+            index_of = {rid: i for i, rid in enumerate(rids)}
+            # The deadline covers only the waits here, never the consumer's own writes.
+            deadline = asyncio.get_running_loop().time() + timeout_s
+            while open_rids:
+                if queue.empty():
+                    async with asyncio.timeout_at(deadline):
+                        msg = await queue.get()
+                else:
+                    msg = queue.get_nowait()
+                if isinstance(msg, Exception):
+                    raise msg
+                if isinstance(msg, p.Failure):
+                    open_rids.discard(msg.rid)
+                    raise RequestFailed(msg)
+                if msg.finished:
+                    open_rids.discard(msg.rid)
+                yield index_of[msg.rid], msg
+        except TimeoutError:
+            raise DeadlineExceeded(f"stream not finished within {timeout_s:g} s") from None
+        finally:
+            self._abort([rid for rid in rids if rid in open_rids])

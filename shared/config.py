@@ -1,0 +1,204 @@
+"""The service's configuration: one typed struct, loaded from YAML then environment.
+
+`load_config()` reads the spec-shaped YAML file (sections `service`, `model`,
+`efficiency`, `performance`, `monitoring`), then applies `PHI_3_MINI_<NAME>`
+environment variables, and validates everything in one place so that a bad
+value stops the start with one line naming the setting, the value and the rule.
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+ENV_PREFIX = "PHI_3_MINI_"
+CONFIG_FILE_ENV = "PHI_3_MINI_CONFIG"
+DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent / "deploy" / "config" / "phi-3-mini.yaml"
+
+Port = Annotated[int, Meta(ge=1, le=65535)]
+Positive = Annotated[int, Meta(ge=1)]
+NonNegative = Annotated[int, Meta(ge=0)]
+Fraction = Annotated[float, Meta(gt=0.0, le=1.0)]
+PositiveFloat = Annotated[float, Meta(gt=0.0)]
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class Phi3MiniConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Every setting of one service instance, with the spec's defaults."""
+
+    # -- service
+    host: str = "127.0.0.1"
+    port: Port = 11403
+    runtime_dir: str = ""  # folder for the Unix sockets; "" = $RUNTIME_DIRECTORY or a private tmp dir
+    request_timeout_s: PositiveFloat = 300.0  # deadline of one request, end to end
+    max_body_bytes: Positive = 1 << 20  # request bodies above this get 413
+    # -- model
+    model_path: str = "/opt/models/microsoft-Phi-3-mini-4k-instruct"
+    model_name: str = "microsoft/Phi-3-mini-4k-instruct"
+    served_model_name: str = "phi-3-mini"
+    demo_model_dir: str = "~/.cache/citadel-llm/demo-phi3"  # used when model_path holds no weights
+    max_model_len: Positive = 2048
+    tensor_parallel_size: Positive = 1
+    gpu_memory_utilization: Fraction = 0.6  # GPU hosts only; on CPU the KV cache is sized from memory_gb
+    dtype: Dtype = "auto"  # "auto": float32 on a CPU host (bfloat16 is not safe on every CPU), else the model's
+    seed: NonNegative = 0
+    # -- efficiency
+    efficiency_mode: bool = True
+    memory_gb: PositiveFloat = 4.0
+    cpu_cores: Positive = 2
+    max_throughput_rps: PositiveFloat = 100.0
+    memory_optimization: bool = True
+    cpu_optimization: bool = True
+    # -- performance
+    max_num_batched_tokens: Positive = 1024
+    max_num_seqs: Positive = 32
+    target_latency_ms: PositiveFloat = 500.0
+    target_throughput_rps: PositiveFloat = 100.0
+    swap_space: NonNegative = 0  # GiB of CPU swap for preempted sequences (GPU hosts)
+    enforce_eager: bool = False
+    # -- monitoring
+    metrics_port: Port = 11404
+    metrics_host: str = "127.0.0.1"
+    health_check_interval: PositiveFloat = 10.0  # seconds
+    metrics_collection_interval: PositiveFloat = 5.0  # seconds
+    log_level: LogLevel = "INFO"
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        return (self.served_model_name, self.model_name)
+
+    def socket_dir(self) -> Path:
+        if self.runtime_dir:
+            return Path(self.runtime_dir)
+        if os.environ.get("RUNTIME_DIRECTORY"):  # set by systemd's RuntimeDirectory=
+            return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0])
+        return Path(f"/tmp/citadel-llm-{os.getuid()}-{self.port}")
+
+    def engine_socket_path(self) -> Path:
+        return self.socket_dir() / "engine.sock"
+
+
+class ConfigError(ValueError):
+    """A setting has a value it may not have; str() is the one-line reason."""
+
+    def __init__(self, name: str, value: Any, rule: str, source: str = "") -> None:
+        self.name, self.value, self.rule, self.source = name, value, rule, source
+        where = f" (from {source})" if source else ""
+        super().__init__(f"invalid setting {name}={value!r}{where}: {rule}")
+
+
+# Which YAML section each setting lives in: the spec's file layout.
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "service": ("host", "port", "runtime_dir", "request_timeout_s", "max_body_bytes"),
+    "model": (
+        "model_path", "model_name", "served_model_name", "demo_model_dir", "max_model_len",
+        "tensor_parallel_size", "gpu_memory_utilization", "dtype", "seed",
+    ),
+    "efficiency": (
+        "efficiency_mode", "memory_gb", "cpu_cores", "max_throughput_rps",
+        "memory_optimization", "cpu_optimization",
+    ),
+    "performance": (
+        "max_num_batched_tokens", "max_num_seqs", "target_latency_ms",
+        "target_throughput_rps", "swap_space", "enforce_eager",
+    ),
+    "monitoring": (
+        "metrics_port", "metrics_host", "health_check_interval",
+        "metrics_collection_interval", "log_level",
+    ),
+}
+FIELDS = frozenset(Phi3MiniConfig.__struct_fields__)
+assert FIELDS == {f for names in SECTIONS.values() for f in names}, "SECTIONS out of date"
+
+
+def _flatten_yaml(doc: dict[str, Any], path: str) -> dict[str, tuple[Any, str]]:
+    flat: dict[str, tuple[Any, str]] = {}
+    for section, body in doc.items():
+        if section not in SECTIONS:
+            raise ConfigError(section, "…", f"unknown section; allowed: {', '.join(SECTIONS)}", path)
+        if not isinstance(body, dict):
+            raise ConfigError(section, body, "a section must be a mapping", path)
+        for key, value in body.items():
+            if key not in SECTIONS[section]:
+                raise ConfigError(
+                    f"{section}.{key}", value,
+                    f"unknown setting; section {section} has: {', '.join(SECTIONS[section])}", path,
+                )
+            flat[key] = (value, f"{path}: {section}.{key}")
+    return flat
+
+
+def _parse_env_value(name: str, raw: str) -> Any:
+    """Environment values are strings; turn them into what the field expects."""
+    if name in ("efficiency_mode", "memory_optimization", "cpu_optimization", "enforce_eager"):
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        return raw
+    if name == "log_level":
+        return raw.strip().upper()
+    return raw
+
+
+def load_config(
+    path: str | Path | None = None, environ: dict[str, str] | None = None
+) -> Phi3MiniConfig:
+    """Load the YAML file (if any), apply `PHI_3_MINI_*` overrides, validate."""
+    import yaml
+
+    env = os.environ if environ is None else environ
+    if path is None:
+        path = env.get(CONFIG_FILE_ENV) or (DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.exists() else None)
+    values: dict[str, tuple[Any, str]] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        doc = yaml.safe_load(text) or {}
+        if not isinstance(doc, dict):
+            raise ConfigError("config", str(path), "the file must hold a mapping of sections")
+        values.update(_flatten_yaml(doc, str(path)))
+    for key, raw in env.items():
+        if not key.startswith(ENV_PREFIX) or key == CONFIG_FILE_ENV:
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name not in FIELDS:
+            raise ConfigError(key, raw, "unknown setting; see `citadel-llm config show`")
+        values[name] = (_parse_env_value(name, raw), key)
+    return _build(values)
+
+
+def _build(values: dict[str, tuple[Any, str]]) -> Phi3MiniConfig:
+    # Validate field by field first, so that the error names where the bad value came from.
+    for name, (value, source) in values.items():
+        try:
+            msgspec.convert(value, _FIELD_TYPES[name], strict=False)
+        except msgspec.ValidationError as exc:
+            rule = str(exc).split(" - at ")[0]
+            choices = typing.get_args(_FIELD_TYPES[name])
+            if typing.get_origin(_FIELD_TYPES[name]) is Literal:
+                rule += "; allowed: " + ", ".join(choices)
+            raise ConfigError(name, value, rule, source) from None
+    config = msgspec.convert({k: v for k, (v, _) in values.items()}, Phi3MiniConfig, strict=False)
+    if config.max_num_batched_tokens < config.max_num_seqs:
+        name = "max_num_batched_tokens"
+        raise ConfigError(
+            name, config.max_num_batched_tokens, f"must be >= max_num_seqs ({config.max_num_seqs})",
+            values.get(name, (None, ""))[1],
+        )
+    return config
+
+
+_FIELD_TYPES: dict[str, Any] = typing.get_type_hints(Phi3MiniConfig, include_extras=True)
+
+
+def to_sections(config: Phi3MiniConfig) -> dict[str, dict[str, Any]]:
+    """The configuration as the YAML file lays it out (for `config show`)."""
+    data = msgspec.to_builtins(config)
+    return {section: {k: data[k] for k in names} for section, names in SECTIONS.items()}

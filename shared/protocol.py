@@ -1,0 +1,111 @@
+"""Every message that crosses the gateway <-> engine worker boundary, and nothing else.
+
+Messages are msgspec Structs encoded as msgpack arrays (`array_like`), tagged so
+that each direction is one union decoded by one typed `Decoder`. Evolve the
+schema by appending fields with defaults and bumping PROTOCOL_VERSION.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+
+class FinishReason(enum.IntEnum):
+    STOP = 0  # an EOS token, a stop string or a stop token id
+    LENGTH = 1  # max_tokens or the context length reached
+    ABORT = 2  # aborted inside the engine
+
+    @property
+    def openai(self) -> str:
+        return ("stop", "length", "abort")[self]
+
+
+class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag_field="t"):
+    pass
+
+
+# ---------------------------------------------------------------- gateway -> worker
+class Hello(_Msg, tag="hello"):
+    protocol_version: int
+    client: str  # who connects: "gateway", "orchestrator", "test"
+
+
+class SamplingSpec(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """The sampling parameters the gateway validated, as vLLM's SamplingParams takes them."""
+
+    max_tokens: int | None = None  # None: whatever fits in the context
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    n: int = 1
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+
+
+class Generate(_Msg, tag="gen"):
+    rid: int  # multiplexing id, unique per connection
+    prompt: str | list[int]  # text, or token ids
+    params: SamplingSpec
+    stream: bool = False  # deltas per engine step instead of one final Output
+    request_id: str = ""  # the client-facing request id, for logs
+
+
+class Abort(_Msg, tag="abort"):
+    rid: int
+
+
+GatewayMessage = Hello | Generate | Abort
+
+
+# ---------------------------------------------------------------- worker -> gateway
+class Welcome(_Msg, tag="welcome"):
+    protocol_version: int
+    model_name: str  # the configured model name (e.g. microsoft/Phi-3-mini-4k-instruct)
+    model_path: str  # the folder the weights were loaded from
+    served_names: list[str]
+    max_model_len: int
+    dtype: str
+    demo_model: bool  # random weights: the real ones were not found
+    load_seconds: float
+    engine_pid: int
+
+
+class HandshakeRefused(_Msg, tag="refused"):
+    message: str
+
+
+class Choice(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    index: int
+    text: str  # the whole text (final) or the new text (stream delta)
+    tokens: int  # tokens generated in this message for this choice
+    finish_reason: FinishReason | None = None
+
+
+class Output(_Msg, tag="out"):
+    rid: int
+    choices: list[Choice]
+    finished: bool = False  # the last message for this rid
+    prompt_tokens: int = 0  # set on the last message
+
+
+class Failure(_Msg, tag="fail"):
+    """The request with this rid ended with an error; nothing more will come for it."""
+
+    rid: int
+    status: int  # the HTTP status this maps to: 400 bad input, 503 engine gone, 500 other
+    message: str
+    param: str | None = None  # the request field at fault, if any
+    code: str | None = None
+
+
+WorkerMessage = Welcome | HandshakeRefused | Output | Failure

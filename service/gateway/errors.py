@@ -64,6 +64,9 @@ def from_validation(exc: msgspec.ValidationError | msgspec.DecodeError) -> ApiEr
     param = match.group(1) if match else None
     if param is not None:
         param = param.split("[")[0] or None
+    missing = re.search(r"missing required field `([^`]*)`", text)
+    if missing:
+        return ApiError(400, f"Missing required parameter: {missing.group(1)!r}", missing.group(1))
     unknown = re.search(r"unknown field `([^`]*)`", text)
     if unknown:
         param = unknown.group(1)

@@ -33,12 +33,12 @@ def _prompts(req: s.CompletionRequest) -> list[str | list[int]]:
     prompt = req.prompt
     if isinstance(prompt, str):
         return [prompt]
+    if all(type(x) is int for x in prompt):
+        return [prompt]  # one prompt of token ids
     if len(prompt) > s.MAX_PROMPTS:
         raise ApiError(400, f"At most {s.MAX_PROMPTS} prompts per request", "prompt")
     if all(type(x) is str for x in prompt):
         return list(prompt)
-    if all(type(x) is int for x in prompt):
-        return [prompt]
     if all(isinstance(x, list) and x and all(type(t) is int for t in x) for x in prompt):
         return list(prompt)
     raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids "

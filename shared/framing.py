@@ -119,6 +119,8 @@ class FrameConnection(asyncio.Protocol, Generic[M]):
             await asyncio.wait_for(self._writable.wait(), timeout_s)
 
     def close(self) -> None:
+        """Close after sending what is queued."""
+        self._flush()
         if self.transport is not None:
             self.transport.close()
 

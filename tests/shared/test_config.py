@@ -1,0 +1,136 @@
+"""Configuration: the spec's defaults, YAML sections, environment overrides, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shared.config import DEFAULT_CONFIG_FILE, ConfigError, Phi3MiniConfig, load_config, to_sections
+
+SPEC_DEFAULTS = {
+    "port": 11403, "memory_gb": 4, "cpu_cores": 2,
+    "model_path": "/opt/models/microsoft-Phi-3-mini-4k-instruct",
+    "model_name": "microsoft/Phi-3-mini-4k-instruct", "max_model_len": 2048,
+    "tensor_parallel_size": 1, "gpu_memory_utilization": 0.6, "max_num_batched_tokens": 1024,
+    "max_num_seqs": 32, "efficiency_mode": True, "max_throughput_rps": 100,
+    "memory_optimization": True, "cpu_optimization": True, "target_latency_ms": 500,
+    "target_throughput_rps": 100, "swap_space": 0, "enforce_eager": False, "metrics_port": 11404,
+    "health_check_interval": 10, "metrics_collection_interval": 5, "log_level": "INFO",
+}
+
+
+def test_struct_defaults_are_the_specs() -> None:
+    config = Phi3MiniConfig()
+    for name, value in SPEC_DEFAULTS.items():
+        assert getattr(config, name) == value, name
+
+
+def test_shipped_yaml_matches_the_defaults() -> None:
+    assert load_config(DEFAULT_CONFIG_FILE, environ={}) == Phi3MiniConfig()
+
+
+def test_shipped_yaml_has_the_specs_sections() -> None:
+    doc = yaml.safe_load(DEFAULT_CONFIG_FILE.read_text())
+    assert set(doc) == {"service", "model", "efficiency", "performance", "monitoring"}
+
+
+def test_dtype_default_runs_on_cpu() -> None:
+    from service.engine.settings import resolve_dtype
+
+    assert resolve_dtype(Phi3MiniConfig(), cpu=True) == "float32"
+    assert resolve_dtype(Phi3MiniConfig(dtype="float16"), cpu=False) == "float16"
+
+
+def test_yaml_then_environment(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("service:\n  port: 9000\nperformance:\n  max_num_seqs: 8\n")
+    config = load_config(path, environ={"PHI_3_MINI_MAX_NUM_SEQS": "4", "PHI_3_MINI_EFFICIENCY_MODE": "false",
+                                        "PHI_3_MINI_TARGET_LATENCY_MS": "250", "PHI_3_MINI_LOG_LEVEL": "debug",
+                                        "PHI_3_MINI_RUNTIME_DIR": "/run/x", "PHI_3_MINI_HOST": "0.0.0.0"})
+    assert config.port == 9000
+    assert config.max_num_seqs == 4
+    assert config.efficiency_mode is False
+    assert config.target_latency_ms == 250.0
+    assert config.log_level == "DEBUG"
+    assert config.engine_socket_path() == Path("/run/x/engine.sock")
+    assert config.host == "0.0.0.0"
+
+
+def test_every_setting_has_an_environment_variable() -> None:
+    for name in Phi3MiniConfig.__struct_fields__:
+        value = getattr(Phi3MiniConfig(), name)
+        raw = str(value).lower() if isinstance(value, bool) else str(value)
+        env = {f"PHI_3_MINI_{name.upper()}": raw}
+        assert getattr(load_config(None, environ={**env, "PHI_3_MINI_CONFIG": str(DEFAULT_CONFIG_FILE)}), name) == value
+
+
+@pytest.mark.parametrize(("env", "fragments"), [
+    ({"PHI_3_MINI_PORT": "0"}, ["port", "'0'", "PHI_3_MINI_PORT", ">= 1"]),
+    ({"PHI_3_MINI_PORT": "70000"}, ["port", "<= 65535"]),
+    ({"PHI_3_MINI_MAX_NUM_SEQS": "many"}, ["max_num_seqs", "'many'", "int"]),
+    ({"PHI_3_MINI_DTYPE": "int8"}, ["dtype", "'int8'", "float32"]),
+    ({"PHI_3_MINI_GPU_MEMORY_UTILIZATION": "1.5"}, ["gpu_memory_utilization", "1.5"]),
+    ({"PHI_3_MINI_EFFICIENCY_MODE": "maybe"}, ["efficiency_mode", "maybe", "bool"]),
+    ({"PHI_3_MINI_LOG_LEVEL": "LOUD"}, ["log_level", "LOUD", "INFO"]),
+    ({"PHI_3_MINI_MAX_NUM_BATCHED_TOKENS": "8"}, ["max_num_batched_tokens", "max_num_seqs"]),
+    ({"PHI_3_MINI_MAX_MODLE_LEN": "4"}, ["PHI_3_MINI_MAX_MODLE_LEN", "unknown"]),
+])
+def test_invalid_values_name_setting_value_and_rule(env: dict[str, str], fragments: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(DEFAULT_CONFIG_FILE, environ=env)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_invalid_yaml_value_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("performance:\n  max_num_seqs: -3\n")
+    with pytest.raises(ConfigError, match=r"max_num_seqs=-3 \(from .*bad.yaml: performance.max_num_seqs\)"):
+        load_config(path, environ={})
+
+
+def test_unknown_yaml_key_or_section(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  max_len: 5\n")
+    with pytest.raises(ConfigError, match="model.max_len"):
+        load_config(path, environ={})
+    path.write_text("network:\n  port: 5\n")
+    with pytest.raises(ConfigError, match="unknown section"):
+        load_config(path, environ={})
+
+
+def test_sections_round_trip(tmp_path: Path) -> None:
+    config = Phi3MiniConfig(port=12000, max_num_seqs=7)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(to_sections(config)))
+    assert load_config(path, environ={}) == config
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PHI_3_MINI_")}
+    return subprocess.run([sys.executable, "-m", "service", *args], capture_output=True, text=True,
+                          env={**base, **(env or {})}, timeout=60)
+
+
+def test_config_show_prints_the_configuration_in_force() -> None:
+    result = _cli("config", "show", env={"PHI_3_MINI_MAX_NUM_SEQS": "12"})
+    assert result.returncode == 0, result.stderr
+    shown = yaml.safe_load(result.stdout)
+    assert shown["performance"]["max_num_seqs"] == 12
+    assert shown["service"]["port"] == 11403
+
+
+def test_invalid_value_stops_the_start_with_one_line() -> None:
+    result = _cli("serve", env={"PHI_3_MINI_MAX_MODEL_LEN": "zero"})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "max_model_len" in lines[0] and "zero" in lines[0]

@@ -87,7 +87,10 @@ class ServiceProcess:
         assert self.proc is not None
         found = {}
         for child in psutil.Process(self.proc.pid).children():
-            cmd = " ".join(child.cmdline())
+            try:
+                cmd = " ".join(child.cmdline())
+            except psutil.Error:  # exited, not yet reaped by serve
+                continue
             for role in ("engine", "gateway", "orchestrator"):
                 if cmd.endswith(role) or f" {role} " in f"{cmd} ":
                     found[role] = child

@@ -1,0 +1,129 @@
+"""`citadel-llm serve` as a supervisor: roles, restarts after kill -9, clean stop, no orphans.
+
+These tests kill processes, so they run their own service instead of the shared one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from tests.helpers import ServiceProcess
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def own_service() -> Iterator[ServiceProcess]:
+    svc = ServiceProcess().start()
+    try:
+        svc.wait_healthy()
+        yield svc
+    finally:
+        svc.stop()
+
+
+def complete(svc: ServiceProcess, max_tokens: int = 2) -> dict:
+    req = urllib.request.Request(svc.base_url + "/v1/completions", method="POST",
+                                 data=json.dumps({"prompt": "hi", "max_tokens": max_tokens}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def health_status(svc: ServiceProcess) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(svc.base_url + "/health", timeout=5) as resp:
+            return resp.status, json.loads(resp.read())["status"]
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())["status"]
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def test_each_role_shows_in_its_command_line(own_service: ServiceProcess) -> None:
+    roles = own_service.children()
+    assert set(roles) == {"engine", "gateway", "orchestrator"}
+
+
+def test_engine_killed_is_restarted_and_served_again(own_service: ServiceProcess) -> None:
+    engine = own_service.children()["engine"]
+    engine_core = engine.children(recursive=True)
+    assert engine_core, "vLLM's EngineCore runs as the engine worker's child"
+    engine.send_signal(signal.SIGKILL)
+    wait_for(lambda: health_status(own_service) == (503, "unavailable"), 10, "/health to say unavailable")
+    # the killed worker's EngineCore is not left behind
+    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in engine_core),
+             15, "the old EngineCore to exit")
+    own_service.wait_healthy(240)
+    new_engine = own_service.children()["engine"]
+    assert new_engine.pid != engine.pid
+    assert complete(own_service)["choices"]
+
+
+def test_gateway_killed_is_restarted(own_service: ServiceProcess) -> None:
+    gateway = own_service.children()["gateway"]
+    gateway.send_signal(signal.SIGKILL)
+    wait_for(lambda: own_service.children().get("gateway") is not None
+             and own_service.children()["gateway"].pid != gateway.pid, 20, "a new gateway")
+    own_service.wait_healthy(60)
+    assert complete(own_service)["choices"]
+
+
+def test_orchestrator_killed_is_restarted_without_disturbing_serving(own_service: ServiceProcess) -> None:
+    orchestrator = own_service.children()["orchestrator"]
+    orchestrator.send_signal(signal.SIGKILL)
+    assert complete(own_service)["choices"]
+    wait_for(lambda: own_service.children().get("orchestrator") is not None
+             and own_service.children()["orchestrator"].pid != orchestrator.pid, 20, "a new orchestrator")
+
+
+def test_sigterm_stops_everything_cleanly(own_service: ServiceProcess) -> None:
+    tree = own_service.tree()
+    assert len(tree) >= 5  # serve, engine, EngineCore, gateway, orchestrator
+    started = time.monotonic()
+    code = own_service.stop(timeout_s=60)
+    assert code == 0
+    assert time.monotonic() - started < 60
+    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree), 10,
+             "every process of the tree to exit")
+    assert not (own_service.runtime_dir / "engine.sock").exists()
+
+
+def test_engine_exits_when_its_parent_dies() -> None:
+    svc = ServiceProcess().start()
+    try:
+        svc.wait_healthy()
+        tree = svc.tree()
+        assert svc.proc is not None
+        os.kill(svc.proc.pid, signal.SIGKILL)  # serve itself, with no chance to clean up
+        wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree[1:]),
+                 30, "the children of a killed serve to exit")
+        # a new start on the same runtime dir works despite whatever was left there
+        again = ServiceProcess()
+        again.env.update({"PHI_3_MINI_RUNTIME_DIR": str(svc.runtime_dir)})
+        again.runtime_dir = svc.runtime_dir
+        again.start()
+        try:
+            again.wait_healthy()
+            assert complete(again)["choices"]
+        finally:
+            assert again.stop() == 0
+    finally:
+        if svc.proc is not None and svc.proc.poll() is None:
+            svc.proc.kill()

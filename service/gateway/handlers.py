@@ -81,6 +81,8 @@ def _engine_error(exc: Exception) -> ApiError:
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
+    if request.app[DRAINING].is_set():
+        raise ApiError(503, "The service is shutting down", code="draining", headers={"Retry-After": "5"})
     body = await read_body(request)
     try:
         req = _decode_completion(body)

@@ -24,11 +24,13 @@ $(DEMO_MODEL)/config.json: | $(VENV)/.installed
 
 demo-model: $(DEMO_MODEL)/config.json
 
-# ab (apache2-utils) drives the load tests and benchmarks.
+# ab (apache2-utils) drives the load tests and benchmarks; promtool (prometheus) checks /metrics.
 tools:
-	@command -v ab >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq apache2-utils >/dev/null; \
-	  else echo "install apache2-utils for ab (load tests)"; fi; }
+	@if ! command -v ab >/dev/null || ! command -v promtool >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends apache2-utils prometheus >/dev/null; \
+	  else echo "install apache2-utils (ab) and prometheus (promtool) for the load and metrics tests"; fi; \
+	fi
 
 serve: install demo-model
 	$(VENV)/bin/citadel-llm serve

@@ -11,7 +11,7 @@ import enum
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: GetStats / EngineStats, Welcome.parameter_count
 
 
 class FinishReason(enum.IntEnum):
@@ -64,7 +64,11 @@ class Abort(_Msg, tag="abort"):
     rid: int
 
 
-GatewayMessage = Hello | Generate | Abort
+class GetStats(_Msg, tag="getstats"):
+    rid: int  # answered by an EngineStats with the same rid
+
+
+GatewayMessage = Hello | Generate | Abort | GetStats
 
 
 # ---------------------------------------------------------------- worker -> gateway
@@ -78,6 +82,7 @@ class Welcome(_Msg, tag="welcome"):
     demo_model: bool  # random weights: the real ones were not found
     load_seconds: float
     engine_pid: int
+    parameter_count: int = 0
 
 
 class HandshakeRefused(_Msg, tag="refused"):
@@ -96,6 +101,8 @@ class Output(_Msg, tag="out"):
     choices: list[Choice]
     finished: bool = False  # the last message for this rid
     prompt_tokens: int = 0  # set on the last message
+    ttft_s: float = 0.0  # last message: engine arrival -> first token (0: unknown)
+    decode_s: float = 0.0  # last message: first token -> last token
 
 
 class Failure(_Msg, tag="fail"):
@@ -108,4 +115,20 @@ class Failure(_Msg, tag="fail"):
     code: str | None = None
 
 
-WorkerMessage = Welcome | HandshakeRefused | Output | Failure
+class EngineStats(_Msg, tag="stats"):
+    """The engine's state now, from vLLM's scheduler (as of its last step) and the worker."""
+
+    rid: int
+    running: int  # sequences being generated
+    waiting: int  # admitted to vLLM but not yet scheduled
+    kv_cache_usage: float  # fraction of KV-cache blocks in use, 0..1
+    max_num_seqs: int  # the limits in force
+    max_num_batched_tokens: int
+    in_flight: int  # requests the worker holds (all connections)
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    requests_finished_total: int
+    engine_core_pids: list[int] = []  # vLLM's own processes under the worker
+
+
+WorkerMessage = Welcome | HandshakeRefused | Output | Failure | EngineStats

@@ -34,6 +34,10 @@ def run_engine(config: Phi3MiniConfig) -> int:
         return asyncio.run(_main(config, cpu))
     except KeyboardInterrupt:
         return EXIT_STOPPED
+    finally:
+        import gc
+
+        gc.collect()  # AsyncLLM sits in reference cycles: release it while modules are alive
 
 
 def _cpu_host() -> bool:
@@ -43,8 +47,11 @@ def _cpu_host() -> bool:
 
 
 async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
+    from service.engine import server as server_module
     from service.engine import settings
     from service.engine.server import EngineServer
+
+    server_module._debug = config.log_level == "DEBUG"
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -64,7 +71,11 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
                  dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                  max_num_batched_tokens=args.max_num_batched_tokens,
                  kv_cache_bytes=args.kv_cache_memory_bytes, omp_threads=os.environ.get("OMP_NUM_THREADS"))
-        engine = AsyncLLM.from_engine_args(args)
+        from service.engine.stats import SchedulerSnapshot
+        from service.model_info import count_parameters
+
+        scheduler = SchedulerSnapshot()
+        engine = AsyncLLM.from_engine_args(args, stat_loggers=[scheduler.factory])
         settings.unpin_this_process()
         load_s = time.monotonic() - started
         welcome = p.Welcome(
@@ -77,8 +88,9 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
             demo_model=model.demo,
             load_seconds=round(load_s, 3),
             engine_pid=os.getpid(),
+            parameter_count=count_parameters(model.path),
         )
-        server = EngineServer(engine, welcome, engine.model_config.get_vocab_size())
+        server = EngineServer(engine, welcome, engine.model_config.get_vocab_size(), scheduler)
         listener = await _listen(loop, server, socket_path)
     except Exception:
         log.exception("engine failed to start")

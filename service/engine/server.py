@@ -13,9 +13,11 @@ from typing import Any
 
 from shared import protocol as p
 from shared.framing import FrameConnection
+from service.engine.stats import Counters, SchedulerSnapshot
 from shared.logging import get_logger
 
 log = get_logger(__name__)
+_debug = False  # set by the worker's main when log_level is DEBUG
 
 _FINISH = {"stop": p.FinishReason.STOP, "length": p.FinishReason.LENGTH, "abort": p.FinishReason.ABORT}
 
@@ -31,7 +33,8 @@ class RequestError(Exception):
 class EngineServer:
     """Owns the AsyncLLM and the tasks of all requests in flight."""
 
-    def __init__(self, engine: Any, welcome: p.Welcome, vocab_size: int) -> None:
+    def __init__(self, engine: Any, welcome: p.Welcome, vocab_size: int,
+                 scheduler: SchedulerSnapshot | None = None) -> None:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -40,7 +43,11 @@ class EngineServer:
         self.welcome = welcome
         self.max_model_len = welcome.max_model_len
         self.vocab_size = vocab_size
+        sched_config = engine.vllm_config.scheduler_config
+        self.limits = (sched_config.max_num_seqs, sched_config.max_num_batched_tokens)
         self.tokenizer = engine.get_tokenizer()
+        self.scheduler = scheduler or SchedulerSnapshot()
+        self.counters = Counters()
         self.dead = asyncio.Event()  # set when the engine core has died
         self._tasks: set[asyncio.Task[None]] = set()
         self._conn_ids = itertools.count(1)
@@ -119,22 +126,33 @@ class EngineServer:
             prompt = self._TokensPrompt(prompt_token_ids=ids)
             request_id = f"{conn.conn_id}-{rid}"
             finish = _FINISH
+            generated = 0
             async for out in self.engine.generate(prompt, params, request_id):
                 choices = [
                     p.Choice(c.index, c.text, len(c.token_ids), finish.get(c.finish_reason))  # type: ignore[arg-type]
                     for c in out.outputs
                 ]
+                generated += sum(ch.tokens for ch in choices)
                 if out.finished:
-                    conn.send(p.Output(rid, choices, True, len(ids)))
+                    m = out.metrics
+                    if m is not None and m.first_token_ts:
+                        conn.send(p.Output(rid, choices, True, len(ids), m.first_token_latency,
+                                           max(m.last_token_ts - m.first_token_ts, 0.0)))
+                    else:
+                        conn.send(p.Output(rid, choices, True, len(ids)))
+                    self._count(len(ids), generated)
+                    if _debug:
+                        log.debug("request finished", request_id=msg.request_id, prompt_tokens=len(ids),
+                                  generated_tokens=generated)
                     return
                 conn.send(p.Output(rid, choices))
                 await conn.wait_writable(30.0)
         except RequestError as exc:
-            conn.send(p.Failure(rid, exc.status, str(exc), exc.param))
+            self._refuse(conn, msg, exc.status, str(exc), exc.param)
         except VLLMValidationError as exc:
-            conn.send(p.Failure(rid, 400, str(exc), getattr(exc, "parameter", None)))
+            self._refuse(conn, msg, 400, str(exc), getattr(exc, "parameter", None))
         except (ValueError, TypeError) as exc:
-            conn.send(p.Failure(rid, 400, str(exc)))
+            self._refuse(conn, msg, 400, str(exc), None)
         except EngineDeadError as exc:
             conn.send(p.Failure(rid, 503, f"engine unavailable: {exc}", code="engine_dead"))
             self.dead.set()
@@ -148,6 +166,34 @@ class EngineServer:
         finally:
             conn.requests.pop(rid, None)
 
+    def _count(self, prompt_tokens: int, generated: int) -> None:
+        counters = self.counters
+        counters.requests_finished += 1
+        counters.prompt_tokens += prompt_tokens
+        counters.generation_tokens += generated
+
+    def _refuse(self, conn: EngineConnection, msg: p.Generate, status: int, message: str,
+                param: str | None) -> None:
+        log.info("request refused", request_id=msg.request_id, status=status, param=param, reason=message)
+        conn.send(p.Failure(msg.rid, status, message, param))
+
+    def stats(self, rid: int) -> p.EngineStats:
+        sched, counters = self.scheduler, self.counters
+        idle = not self._tasks
+        return p.EngineStats(
+            rid=rid,
+            running=0 if idle else sched.running,
+            waiting=0 if idle else sched.waiting,
+            kv_cache_usage=0.0 if idle else sched.kv_cache_usage,
+            max_num_seqs=self.limits[0],
+            max_num_batched_tokens=self.limits[1],
+            in_flight=len(self._tasks),
+            prompt_tokens_total=counters.prompt_tokens,
+            generation_tokens_total=counters.generation_tokens,
+            requests_finished_total=counters.requests_finished,
+            engine_core_pids=_child_pids(),
+        )
+
     async def drain(self, timeout_s: float) -> None:
         """Let requests in flight finish (bounded), then cancel the rest."""
         if self._tasks:
@@ -156,6 +202,15 @@ class EngineServer:
             task.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5.0)
+
+
+def _child_pids() -> list[int]:
+    import psutil
+
+    try:
+        return [c.pid for c in psutil.Process().children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 class EngineConnection(FrameConnection[p.GatewayMessage]):
@@ -175,6 +230,8 @@ class EngineConnection(FrameConnection[p.GatewayMessage]):
                     self.send(p.Failure(msg.rid, 400, f"rid {msg.rid} is already in flight"))
                     return
                 self.requests[msg.rid] = self.server.start(self, msg)
+            case p.GetStats(rid=rid) if self.greeted:
+                self.send(self.server.stats(rid))
             case p.Abort(rid=rid):
                 task = self.requests.pop(rid, None)
                 if task is not None:

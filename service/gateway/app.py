@@ -11,8 +11,9 @@ from aiohttp import web
 
 from service.gateway import handlers
 from service.gateway.engine_client import EngineClient
-from service.gateway.errors import error_middleware
-from service.gateway.keys import CLIENT, CONFIG, DRAINING, STARTED
+from service.gateway.keys import CLIENT, CONFIG, DRAINING, METRICS, STARTED
+from service.gateway.metrics import Metrics
+from service.gateway.middlewares import request_middleware
 from shared.config import Phi3MiniConfig
 from shared.logging import get_logger
 
@@ -23,16 +24,29 @@ KEEPALIVE_TIMEOUT_S = 75.0
 
 
 def create_app(config: Phi3MiniConfig) -> web.Application:
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[request_middleware])
     app[CONFIG] = config
     app[CLIENT] = EngineClient(config.engine_socket_path())
+    app[METRICS] = Metrics()
     app[STARTED] = time.time()
     app[DRAINING] = asyncio.Event()
     app.cleanup_ctx.append(_engine_client)
     app.router.add_post("/v1/completions", handlers.completions)
     app.router.add_get("/v1/models", handlers.models)
+    app.router.add_get("/v1/models/{model:.+}", handlers.model_info)
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/version", handlers.version)
+    return app
+
+
+def create_metrics_app(main: web.Application) -> web.Application:
+    """The monitoring port's app: GET /metrics over the main app's state."""
+    app = web.Application()
+
+    async def metrics(request: web.Request) -> web.Response:
+        return await main[METRICS].handle(request, main[CLIENT])
+
+    app.router.add_get("/metrics", metrics)
     return app
 
 
@@ -60,12 +74,17 @@ async def _serve(config: Phi3MiniConfig) -> int:
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_address=True)
     await site.start()
-    log.info("gateway listening", host=config.host, port=config.port, engine_socket=str(config.engine_socket_path()))
+    metrics_runner = web.AppRunner(create_metrics_app(app), access_log=None)
+    await metrics_runner.setup()
+    await web.TCPSite(metrics_runner, config.metrics_host, config.metrics_port, reuse_address=True).start()
+    log.info("gateway listening", host=config.host, port=config.port, metrics_port=config.metrics_port,
+             engine_socket=str(config.engine_socket_path()))
     try:
         await stop.wait()
         log.info("gateway draining", drain_timeout_s=DRAIN_TIMEOUT_S)
         app[DRAINING].set()
     finally:
         await runner.cleanup()  # stops accepting, waits for handlers (bounded), closes the client
+        await metrics_runner.cleanup()
     log.info("gateway stopped")
     return 0

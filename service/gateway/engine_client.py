@@ -55,6 +55,8 @@ class _Connection(FrameConnection[p.WorkerMessage]):
         match msg:
             case p.Output(rid=rid) | p.Failure(rid=rid):
                 self.client._deliver(rid, msg)
+            case p.EngineStats(rid=rid):
+                self.client._deliver_stats(rid, msg)
             case p.Welcome():
                 if not self.welcome.done():
                     self.welcome.set_result(msg)
@@ -74,6 +76,8 @@ class EngineClient:
         self.socket_path = socket_path
         self.info: p.Welcome | None = None  # set while connected and greeted
         self.ever_connected = False
+        self.engine_restarts = 0  # handshakes with a new engine process after the first
+        self._last_engine_pid = 0
         self._conn: _Connection | None = None
         self._sinks: dict[int, _Sink] = {}
         self._rids = itertools.count(1)
@@ -115,6 +119,9 @@ class EngineClient:
                 delay = min(delay * 2, RECONNECT_MAX_S)
                 continue
             self._conn = conn
+            if self._last_engine_pid and self.info.engine_pid != self._last_engine_pid:
+                self.engine_restarts += 1
+            self._last_engine_pid = self.info.engine_pid
             self.ever_connected = True
             self._ready.set()
             delay = RECONNECT_MIN_S
@@ -153,6 +160,25 @@ class EngineClient:
                     sink.set_exception(RequestFailed(msg))
                 else:
                     sink.set_result(msg)
+
+    def _deliver_stats(self, rid: int, msg: p.EngineStats) -> None:
+        sink = self._sinks.pop(rid, None)
+        if isinstance(sink, asyncio.Future) and not sink.done():
+            sink.set_result(msg)
+
+    async def stats(self, timeout_s: float) -> p.EngineStats:
+        """The engine's current state; EngineUnavailable or TimeoutError if it does not answer."""
+        conn = self._conn
+        if conn is None or self.info is None:
+            raise EngineUnavailable("the engine is not connected")
+        rid = next(self._rids)
+        fut: asyncio.Future[p.EngineStats] = asyncio.get_running_loop().create_future()
+        self._sinks[rid] = fut
+        conn.send(p.GetStats(rid))
+        try:
+            return await asyncio.wait_for(fut, timeout_s)
+        finally:
+            self._sinks.pop(rid, None)
 
     # ---------------------------------------------------------------- requests
     def _submit(self, prompt: str | list[int], params: p.SamplingSpec, stream: bool,

@@ -1,21 +1,14 @@
-"""OpenAI-shaped errors and the one middleware that maps every failure to a response."""
+"""OpenAI-shaped errors: the exception handlers raise, and the JSON body clients get."""
 
 from __future__ import annotations
 
 import re
-import uuid
-from collections.abc import Awaitable, Callable
 
 import msgspec
 from aiohttp import web
 
-from service.gateway.keys import CONFIG
-from shared.logging import get_logger
-
-log = get_logger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-Id"
-REQUEST_ID_KEY = "request_id"
 _TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
           413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error",
           504: "timeout_error"}
@@ -75,30 +68,3 @@ def from_validation(exc: msgspec.ValidationError | msgspec.DecodeError) -> ApiEr
     if param:
         message = f"Invalid value for {param!r}: {message}"
     return ApiError(400, message, param)
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-    request_id = request_id[:128]
-    request[REQUEST_ID_KEY] = request_id
-    try:
-        response = await handler(request)
-    except ApiError as err:
-        return error_response(err, request_id)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        status = exc.status
-        message = {404: f"Not found: {request.path}", 405: f"Method {request.method} not allowed on {request.path}",
-                   413: f"Request body too large (limit {request.app[CONFIG].max_body_bytes} bytes)"}.get(status, exc.reason)
-        return error_response(ApiError(status, message), request_id)
-    except Exception:
-        log.exception("unhandled error", request_id=request_id, path=request.path)
-        return error_response(ApiError(500, f"Internal server error (request id {request_id})"), request_id)
-    if not response.prepared:
-        response.headers[REQUEST_ID_HEADER] = request_id
-    return response

@@ -10,8 +10,9 @@ from aiohttp import web
 
 from service.gateway import schemas as s
 from service.gateway.engine_client import DeadlineExceeded, EngineUnavailable, RequestFailed
-from service.gateway.errors import REQUEST_ID_KEY, ApiError, error_body, from_validation
-from service.gateway.keys import CLIENT, CONFIG, DRAINING, STARTED
+from service.gateway.errors import ApiError, error_body, from_validation
+from service.gateway.keys import CLIENT, CONFIG, DRAINING, RECORD, REQUEST_ID, STARTED
+from service.gateway.metrics import RequestRecord
 from shared import protocol as p
 
 _decode_completion = msgspec.json.Decoder(s.CompletionRequest).decode
@@ -95,7 +96,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
     client = request.app[CLIENT]
     timeout_s = request.app[CONFIG].request_timeout_s
-    request_id = request[REQUEST_ID_KEY]
+    request_id = request[REQUEST_ID]
     if req.stream:
         return await _stream_completion(request, req, model, prompts, params, request_id, timeout_s)
     try:
@@ -110,6 +111,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     ]
     prompt_tokens = sum(out.prompt_tokens for out in outputs)
     completion_tokens = sum(c.tokens for out in outputs for c in out.choices)
+    request[RECORD] = _record(outputs, prompt_tokens, completion_tokens)
     body = _encode(s.Completion(
         id=f"cmpl-{request_id}", created=int(time.time()), model=model, choices=choices,
         usage=s.Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens),
@@ -127,6 +129,8 @@ async def _stream_completion(request: web.Request, req: s.CompletionRequest, mod
     stream = client.stream(prompts, params, request_id, timeout_s)
     response: web.StreamResponse | None = None
     prompt_tokens = completion_tokens = 0
+    record = request[RECORD] = RequestRecord()
+    finals: list[p.Output] = []
     try:
         async for index, out in stream:
             if response is None:  # errors before the first token are still plain JSON errors
@@ -140,6 +144,9 @@ async def _stream_completion(request: web.Request, req: s.CompletionRequest, mod
             ]
             completion_tokens += sum(c.tokens for c in out.choices)
             prompt_tokens += out.prompt_tokens
+            record.prompt_tokens, record.completion_tokens = prompt_tokens, completion_tokens
+            if out.finished:
+                finals.append(out)
             if choices:
                 chunk = s.Completion(id=cid, created=created, model=model, choices=choices)
                 await response.write(b"data: " + _encode(chunk) + b"\n\n")
@@ -153,6 +160,8 @@ async def _stream_completion(request: web.Request, req: s.CompletionRequest, mod
     finally:
         await stream.aclose()
     assert response is not None
+    full = _record(finals, prompt_tokens, completion_tokens)
+    record.ttft_s, record.itl_s = full.ttft_s, full.itl_s
     if req.stream_options is not None and req.stream_options.include_usage:
         usage = s.Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
         chunk = s.Completion(id=cid, created=created, model=model, choices=[], usage=usage)
@@ -160,6 +169,17 @@ async def _stream_completion(request: web.Request, req: s.CompletionRequest, mod
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
+
+
+def _record(outputs: list[p.Output], prompt_tokens: int, completion_tokens: int) -> RequestRecord:
+    rec = RequestRecord(prompt_tokens, completion_tokens)
+    timed = [o for o in outputs if o.ttft_s > 0]
+    if timed:
+        rec.ttft_s = max(o.ttft_s for o in timed)
+        gaps = completion_tokens - len(timed)  # token-to-token intervals (n=1 per output)
+        if gaps > 0:
+            rec.itl_s = sum(o.decode_s for o in timed) / gaps
+    return rec
 
 
 async def models(request: web.Request) -> web.Response:
@@ -197,4 +217,23 @@ async def version(request: web.Request) -> web.Response:
             pass
     return web.json_response({"version": versions.get("citadel-llm", "0"), "packages": versions,
                               "protocol_version": p.PROTOCOL_VERSION})
+
+
+
+async def model_info(request: web.Request) -> web.Response:
+    """GET /v1/models/{model}: the model card plus what the engine reports about itself."""
+    name = check_model(request, request.match_info["model"])
+    config = request.app[CONFIG]
+    info = request.app[CLIENT].info
+    body = {
+        "id": name, "object": "model", "created": int(request.app[STARTED]), "owned_by": "citadel-llm",
+        "max_model_len": config.max_model_len, "model_name": config.model_name,
+        "served_model_name": config.served_model_name,
+        "model_path": info.model_path if info else None, "dtype": info.dtype if info else None,
+        "parameter_count": info.parameter_count if info else None,
+        "load_seconds": info.load_seconds if info else None, "demo_model": info.demo_model if info else None,
+        "limits": {"max_num_seqs": config.max_num_seqs, "max_num_batched_tokens": config.max_num_batched_tokens},
+        "efficiency_mode": config.efficiency_mode, "engine_ready": info is not None,
+    }
+    return web.json_response(body)
 

@@ -1,4 +1,4 @@
-"""Typed application state of the gateway."""
+"""Typed application and request state of the gateway."""
 
 from __future__ import annotations
 
@@ -7,9 +7,17 @@ import asyncio
 from aiohttp import web
 
 from service.gateway.engine_client import EngineClient
+from service.gateway.metrics import Metrics, RequestRecord
 from shared.config import Phi3MiniConfig
 
 CONFIG = web.AppKey("config", Phi3MiniConfig)
 CLIENT = web.AppKey("engine_client", EngineClient)
+METRICS = web.AppKey("metrics", Metrics)
 STARTED = web.AppKey("started", float)  # unix time the gateway started
 DRAINING = web.AppKey("draining", asyncio.Event)  # set on SIGTERM: new work gets 503
+
+# per-request state (aiohttp requests are plain mappings)
+REQUEST_ID = "citadel.request_id"
+RECORD = "citadel.record"  # a RequestRecord, set by generation handlers
+
+__all__ = ["CLIENT", "CONFIG", "DRAINING", "METRICS", "RECORD", "REQUEST_ID", "STARTED", "RequestRecord"]

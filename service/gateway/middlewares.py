@@ -1,0 +1,74 @@
+"""The gateway's one middleware: request id, error mapping, metrics, and one log line per request."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from service.gateway.errors import REQUEST_ID_HEADER, ApiError, error_response
+from service.gateway.keys import CONFIG, METRICS, RECORD, REQUEST_ID
+from shared.logging import get_logger
+
+log = get_logger("citadel.request")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_QUIET_ROUTES = frozenset({"/health", "/metrics"})  # polled often: counted, not logged
+
+
+@web.middleware
+async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    request_id = (request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex)[:128]
+    request[REQUEST_ID] = request_id
+    status = 500
+    metrics = request.app[METRICS]
+    metrics.in_flight.inc({})
+    try:
+        response = await _handle(request, handler, request_id)
+        status = response.status
+        return response
+    finally:
+        metrics.in_flight.dec({})
+        elapsed = time.perf_counter() - started
+        route = request.match_info.route.resource
+        endpoint = route.canonical if route is not None else "unmatched"
+        record = request.get(RECORD)
+        metrics.observe(endpoint, status, elapsed, record)
+        if request.path not in _QUIET_ROUTES:
+            fields = {"request_id": request_id, "method": request.method, "route": endpoint,
+                      "status": status, "e2e_ms": round(elapsed * 1000, 1)}
+            if record is not None:
+                fields.update(prompt_tokens=record.prompt_tokens, generated_tokens=record.completion_tokens,
+                              ttft_ms=round(record.ttft_s * 1000, 1))
+            log.info("request", **fields)
+
+
+async def _handle(request: web.Request, handler: Handler, request_id: str) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except ApiError as err:
+        if err.code in ("engine_unavailable", "draining", "timeout"):
+            reason = "deadline" if err.code == "timeout" else err.code
+            request.app[METRICS].refused.inc({"reason": reason})
+        return error_response(err, request_id)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        status = exc.status
+        messages = {
+            404: f"Not found: {request.path}",
+            405: f"Method {request.method} not allowed on {request.path}",
+            413: f"Request body too large (limit {request.app[CONFIG].max_body_bytes} bytes)",
+        }
+        return error_response(ApiError(status, messages.get(status, exc.reason)), request_id)
+    except Exception:
+        log.exception("unhandled error", request_id=request_id, path=request.path)
+        return error_response(ApiError(500, f"Internal server error (request id {request_id})"), request_id)
+    if not response.prepared:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    return response
+
+

@@ -24,12 +24,13 @@ $(DEMO_MODEL)/config.json: | $(VENV)/.installed
 
 demo-model: $(DEMO_MODEL)/config.json
 
-# ab (apache2-utils) drives the load tests and benchmarks; promtool (prometheus) checks /metrics.
+# Debian tools the tests drive: ab (apache2-utils) for load, promtool (prometheus) for /metrics,
+# systemd-analyze (systemd) for the units.
 tools:
-	@if ! command -v ab >/dev/null || ! command -v promtool >/dev/null; then \
+	@if ! command -v ab >/dev/null || ! command -v promtool >/dev/null || ! command -v systemd-analyze >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -qq --no-install-recommends apache2-utils prometheus >/dev/null; \
-	  else echo "install apache2-utils (ab) and prometheus (promtool) for the load and metrics tests"; fi; \
+	    apt-get install -y -qq --no-install-recommends apache2-utils prometheus systemd >/dev/null; \
+	  else echo "install apache2-utils, prometheus and systemd for the load, metrics and unit tests"; fi; \
 	fi
 
 serve: install demo-model

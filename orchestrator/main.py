@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
+from shared import sd_notify
 from shared.config import Phi3MiniConfig
 from shared.logging import get_logger
 
@@ -25,6 +26,7 @@ async def _main(config: Phi3MiniConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("orchestrator idle (observing only)", efficiency_mode=config.efficiency_mode)
+    sd_notify.notify("READY=1")
     await stop.wait()
     log.info("orchestrator stopped")
     return 0

@@ -20,6 +20,13 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--config", help="YAML configuration file (default: $PHI_3_MINI_CONFIG)")
     demo = sub.add_parser("demo-model", help="write the small random-weight Phi-3 demo model")
     demo.add_argument("dir")
+    model = sub.add_parser("model", help="model files: download and verify")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    for name, help_text in (("download", "fetch model_name into model_path and write model.sha256"),
+                            ("verify", "check the model folder against its model.sha256")):
+        cmd = model_sub.add_parser(name, help=help_text)
+        cmd.add_argument("--config", help="YAML configuration file")
+        cmd.add_argument("--dir", help="the model folder (default: model_path)")
     config = sub.add_parser("config", help="configuration commands")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     show = config_sub.add_parser("show", help="print the configuration in force")
@@ -65,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(sections, sort_keys=False), end="")
         return 0
+    if args.command == "model":
+        return _model_command(args, config)
     role = args.command
     configure_logging(config.log_level, role)
     _title(role)
@@ -83,3 +92,20 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.main import run_orchestrator
 
     return run_orchestrator(config)
+
+
+def _model_command(args: argparse.Namespace, config: object) -> int:
+    from service import model_files
+
+    model_dir = args.dir or config.model_path  # type: ignore[attr-defined]
+    if args.model_command == "download":
+        manifest = model_files.download(config.model_name, model_dir)  # type: ignore[attr-defined]
+        print(f"downloaded {config.model_name} to {model_dir}; wrote {manifest}")  # type: ignore[attr-defined]
+        return 0
+    problems = model_files.verify(model_dir)
+    if problems:
+        for problem in problems:
+            print(f"FAILED {problem}", file=sys.stderr)
+        return 1
+    print(f"{model_dir}: OK")
+    return 0

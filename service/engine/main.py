@@ -13,9 +13,14 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from shared import protocol as p
+from shared import sd_notify
 from shared.config import Phi3MiniConfig
+
+if TYPE_CHECKING:
+    from service.engine.server import EngineServer
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -100,20 +105,23 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
 
     log.info("engine ready", socket=str(socket_path), load_seconds=round(load_s, 2),
              demo_model=model.demo, pid=os.getpid())
+    sd_notify.notify(f"READY=1\nSTATUS=engine ready, model loaded in {load_s:.1f} s")
     if model.demo:
         log.warning("SERVING THE RANDOM-WEIGHT DEMO MODEL: its output is noise", model_path=str(model.path))
     exit_code = EXIT_STOPPED
     try:
         watch = loop.create_task(_watch(engine, server, parent), name="engine-watch")
+        watchdog = loop.create_task(_systemd_watchdog(server), name="systemd-watchdog")
         stopped = loop.create_task(stop.wait(), name="stop-signal")
         done, _ = await asyncio.wait({watch, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if watch in done:
             reason = watch.result()
             log.error("engine worker stopping", reason=reason)
             exit_code = EXIT_DIED if reason == "engine dead" else EXIT_STOPPED
-        for task in (watch, stopped):
+        sd_notify.notify("STOPPING=1")
+        for task in (watch, stopped, watchdog):
             task.cancel()
-        await asyncio.gather(watch, stopped, return_exceptions=True)
+        await asyncio.gather(watch, stopped, watchdog, return_exceptions=True)
         # Ordered shutdown: stop accepting, drain, cancel the rest, release the engine.
         listener.close()
         if exit_code == EXIT_STOPPED:
@@ -130,24 +138,36 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
     return exit_code
 
 
-async def _listen(loop: asyncio.AbstractEventLoop, server: "object", path: Path) -> asyncio.Server:
+async def _listen(loop: asyncio.AbstractEventLoop, server: EngineServer, path: Path) -> asyncio.Server:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()  # a stale socket from a killed worker
     old_umask = os.umask(0o177)  # the socket file is created 0600
     try:
-        return await loop.create_unix_server(server.connection, str(path))  # type: ignore[attr-defined]
+        return await loop.create_unix_server(server.connection, str(path))
     finally:
         os.umask(old_umask)
 
 
-async def _watch(engine: "object", server: "object", parent: int) -> str:
+async def _watch(engine: Any, server: EngineServer, parent: int) -> str:
     """Return why the worker must stop: engine death or the parent gone."""
-    dead = server.dead  # type: ignore[attr-defined]
+    dead = server.dead
     while True:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(dead.wait(), PARENT_POLL_S)
-        if dead.is_set() or engine.errored:  # type: ignore[attr-defined]
+        if dead.is_set() or engine.errored:
             return "engine dead"
         if os.getppid() != parent:
             return "parent gone"
+
+
+async def _systemd_watchdog(server: EngineServer) -> None:
+    """Ping systemd's watchdog only while the engine makes progress: idle, or producing
+    output within the interval. A stuck engine stops the pings and systemd restarts it."""
+    interval = sd_notify.watchdog_interval_s()
+    if interval is None:
+        return
+    while True:
+        await asyncio.sleep(interval)
+        if server.making_progress(stall_s=interval * 2):
+            sd_notify.notify("WATCHDOG=1")

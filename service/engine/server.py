@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from typing import Any
 
 from shared import protocol as p
@@ -49,6 +50,7 @@ class EngineServer:
         self.scheduler = scheduler or SchedulerSnapshot()
         self.counters = Counters()
         self.dead = asyncio.Event()  # set when the engine core has died
+        self.last_output = time.monotonic()  # when the engine last produced anything
         self._tasks: set[asyncio.Task[None]] = set()
         self._conn_ids = itertools.count(1)
         self._SamplingParams = SamplingParams
@@ -59,11 +61,17 @@ class EngineServer:
     def in_flight(self) -> int:
         return len(self._tasks)
 
+    def making_progress(self, stall_s: float) -> bool:
+        """Idle, or some output within the last stall_s seconds."""
+        return not self._tasks or time.monotonic() - self.last_output < stall_s
+
     def connection(self) -> EngineConnection:
         return EngineConnection(self, next(self._conn_ids))
 
     # ---------------------------------------------------------------- one request
     def start(self, conn: EngineConnection, msg: p.Generate) -> asyncio.Task[None]:
+        if not self._tasks:
+            self.last_output = time.monotonic()  # progress is measured from the first request on
         task = asyncio.get_running_loop().create_task(self._run(conn, msg))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -133,6 +141,7 @@ class EngineServer:
                     for c in out.outputs
                 ]
                 generated += sum(ch.tokens for ch in choices)
+                self.last_output = time.monotonic()
                 if out.finished:
                     m = out.metrics
                     if m is not None and m.first_token_ts:

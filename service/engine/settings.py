@@ -36,7 +36,9 @@ def resolve_model(config: Phi3MiniConfig) -> ModelChoice:
     path = Path(config.model_path).expanduser()
     if (path / "config.json").exists():
         from service.demo_model import is_demo_model
+        from service.model_files import verify_before_load
 
+        verify_before_load(path)  # refuses a folder that fails its model.sha256
         return ModelChoice(path, is_demo_model(path))
     from service.demo_model import make_demo_model
 

@@ -14,6 +14,7 @@ from service.gateway.engine_client import EngineClient
 from service.gateway.keys import CLIENT, CONFIG, DRAINING, METRICS, STARTED
 from service.gateway.metrics import Metrics
 from service.gateway.middlewares import request_middleware
+from shared import sd_notify
 from shared.config import Phi3MiniConfig
 from shared.logging import get_logger
 
@@ -57,6 +58,13 @@ async def _engine_client(app: web.Application) -> AsyncIterator[None]:
     await client.close()
 
 
+async def _notify_when_ready(client: EngineClient) -> None:
+    """systemd READY=1 only once the gateway serves and the engine has answered."""
+    while not client.ready:
+        await asyncio.sleep(0.2)
+    sd_notify.notify("READY=1\nSTATUS=serving")
+
+
 def run_gateway(config: Phi3MiniConfig) -> int:
     import uvloop
 
@@ -79,11 +87,15 @@ async def _serve(config: Phi3MiniConfig) -> int:
     await web.TCPSite(metrics_runner, config.metrics_host, config.metrics_port, reuse_address=True).start()
     log.info("gateway listening", host=config.host, port=config.port, metrics_port=config.metrics_port,
              engine_socket=str(config.engine_socket_path()))
+    ready = loop.create_task(_notify_when_ready(app[CLIENT]), name="systemd-ready")
     try:
         await stop.wait()
+        sd_notify.notify("STOPPING=1")
         log.info("gateway draining", drain_timeout_s=DRAIN_TIMEOUT_S)
         app[DRAINING].set()
     finally:
+        ready.cancel()
+        await asyncio.gather(ready, return_exceptions=True)
         await runner.cleanup()  # stops accepting, waits for handlers (bounded), closes the client
         await metrics_runner.cleanup()
     log.info("gateway stopped")

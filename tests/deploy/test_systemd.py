@@ -1,0 +1,129 @@
+"""Deployment: install.sh into a temporary root, the units checked by systemd's own tools."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+INSTALL = ROOT / "deploy" / "install.sh"
+UNITS = ["citadel-llm@phi-3-mini.service", "citadel-llm-engine@phi-3-mini.service",
+         "citadel-llm-gateway@phi-3-mini.service", "citadel-llm-orchestrator@phi-3-mini.service",
+         "citadel-llm.slice"]
+needs_systemd = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                                   reason="systemd-analyze missing; `make test` installs Debian's systemd")
+
+
+def install(prefix: Path, *extra: str) -> str:
+    result = subprocess.run(["bash", str(INSTALL), "--prefix", str(prefix), "--skip-venv", *extra],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def tree(prefix: Path) -> dict[str, tuple[str, int]]:
+    return {str(p.relative_to(prefix)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir",
+                                         p.stat().st_mode)
+            for p in sorted(prefix.rglob("*"))}
+
+
+def test_install_twice_gives_the_same_result(tmp_path: Path) -> None:
+    install(tmp_path)
+    first = tree(tmp_path)
+    install(tmp_path)
+    assert tree(tmp_path) == first
+    for rel in ("etc/systemd/system/citadel-llm@.service", "etc/systemd/system/citadel-llm-engine@.service",
+                "etc/systemd/system/citadel-llm.slice", "opt/citadel/config/services/phi-3-mini.yaml",
+                "etc/citadel-llm/phi-3-mini.env", "opt/models", "opt/citadel/docs/OPERATIONS.md"):
+        assert rel in first, rel
+
+
+def test_install_keeps_the_operators_config(tmp_path: Path) -> None:
+    install(tmp_path)
+    config = tmp_path / "opt/citadel/config/services/phi-3-mini.yaml"
+    config.write_text(config.read_text().replace("memory_gb: 4", "memory_gb: 6").replace("cpu_cores: 2", "cpu_cores: 3"))
+    install(tmp_path)
+    assert "memory_gb: 6" in config.read_text()
+    slice_text = (tmp_path / "etc/systemd/system/citadel-llm.slice").read_text()
+    assert "MemoryMax=6144M" in slice_text and "CPUQuota=300%" in slice_text
+    assert "MemoryHigh=5529M" in slice_text
+
+
+def test_slice_caps_from_the_default_config(tmp_path: Path) -> None:
+    install(tmp_path)
+    text = (tmp_path / "etc/systemd/system/citadel-llm.slice").read_text()
+    assert "MemoryMax=4096M" in text and "CPUQuota=200%" in text
+
+
+def test_gpu_install_adds_the_device_drop_in(tmp_path: Path) -> None:
+    install(tmp_path, "--gpu")
+    dropin = tmp_path / "etc/systemd/system/citadel-llm-engine@.service.d/gpu.conf"
+    assert "DeviceAllow=/dev/nvidiactl rw" in dropin.read_text()
+
+
+def _units_for_analysis(tmp_path: Path) -> Path:
+    """The installed units with ExecStart pointing at this checkout's real executable
+    (systemd-analyze checks that it exists)."""
+    install(tmp_path)
+    unit_dir = tmp_path / "etc/systemd/system"
+    exe = Path(sys.executable).parent / "citadel-llm"
+    assert exe.exists()
+    for unit in unit_dir.glob("*.service"):
+        unit.write_text(unit.read_text().replace("/opt/citadel/venv/bin/citadel-llm", str(exe)))
+    return unit_dir
+
+
+@needs_systemd
+def test_systemd_analyze_verify_passes_on_every_unit(tmp_path: Path) -> None:
+    unit_dir = _units_for_analysis(tmp_path)
+    result = subprocess.run(["systemd-analyze", "verify", *UNITS], cwd=unit_dir, capture_output=True, text=True,
+                            env={**os.environ, "SYSTEMD_UNIT_PATH": f"{unit_dir}:"}, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout + result.stderr == ""  # no warnings either
+
+
+@needs_systemd
+def test_security_exposure(tmp_path: Path) -> None:
+    unit_dir = _units_for_analysis(tmp_path)
+    exposure = {}
+    for role in ("engine", "gateway", "orchestrator"):
+        unit = f"citadel-llm-{role}@phi-3-mini.service"
+        result = subprocess.run(["systemd-analyze", "security", "--offline=yes", unit], cwd=unit_dir,
+                                capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "SYSTEMD_UNIT_PATH": f"{unit_dir}:"})
+        match = re.search(r"Overall exposure level for \S+: ([\d.]+)", result.stdout + result.stderr)
+        assert match, result.stdout + result.stderr
+        exposure[role] = float(match.group(1))
+        print(f"systemd-analyze security {unit}: exposure {exposure[role]}")
+    assert exposure["gateway"] <= 3.0
+    assert exposure["orchestrator"] <= 3.0
+    assert exposure["engine"] <= 5.0
+
+
+def test_units_wire_the_instance_together() -> None:
+    unit_dir = ROOT / "deploy" / "systemd"
+    umbrella = (unit_dir / "citadel-llm@.service").read_text()
+    assert "Requires=citadel-llm-engine@%i.service citadel-llm-gateway@%i.service" in umbrella
+    for role in ("engine", "gateway", "orchestrator"):
+        text = (unit_dir / f"citadel-llm-{role}@.service").read_text()
+        assert "Type=notify" in text
+        assert "Slice=citadel-llm.slice" in text
+        assert "PartOf=citadel-llm@%i.service" in text
+        assert "Restart=on-failure" in text and "StartLimitBurst=" in text
+        assert "EnvironmentFile=-/etc/citadel-llm/%i.env" in text
+        assert "PHI_3_MINI_CONFIG=/opt/citadel/config/services/%i.yaml" in text
+        assert "RuntimeDirectory=citadel-llm/%i" in text
+        assert "User=citadel" in text and "ProtectSystem=strict" in text
+    engine = (unit_dir / "citadel-llm-engine@.service").read_text()
+    assert "WatchdogSec=" in engine
+    # the drain (10 s) fits inside the stop timeouts
+    assert int(re.search(r"TimeoutStopSec=(\d+)", engine).group(1)) > 10  # type: ignore[union-attr]
+    gateway = (unit_dir / "citadel-llm-gateway@.service").read_text()
+    assert int(re.search(r"TimeoutStopSec=(\d+)", gateway).group(1)) > 10  # type: ignore[union-attr]

@@ -84,7 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     if role == "engine":
         from service.engine.main import run_engine
 
-        return run_engine(config)
+        code = run_engine(config)
+        # Everything is shut down and flushed by now; skipping interpreter teardown avoids
+        # vLLM's AsyncLLM.__del__ running against half-torn-down modules.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     if role == "gateway":
         from service.gateway.app import run_gateway
 

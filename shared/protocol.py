@@ -11,7 +11,7 @@ import enum
 
 import msgspec
 
-PROTOCOL_VERSION = 2  # 2: GetStats / EngineStats, Welcome.parameter_count
+PROTOCOL_VERSION = 3  # 2: GetStats/EngineStats; 3: chat, logprobs, echo, tokenize
 
 
 class FinishReason(enum.IntEnum):
@@ -50,14 +50,36 @@ class SamplingSpec(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     min_tokens: int = 0
+    min_p: float = 0.0
+    logprobs: int | None = None  # None: none; k: the sampled token's and the k most likely
+    logit_bias: list[tuple[int, float]] = []  # (token id, bias added to its logit)
+
+
+class ChatMessage(msgspec.Struct, array_like=True, gc=False):
+    role: str  # system, user or assistant
+    content: str
 
 
 class Generate(_Msg, tag="gen"):
     rid: int  # multiplexing id, unique per connection
-    prompt: str | list[int]  # text, or token ids
+    prompt: str | list[int]  # text, or token ids (ignored when chat is set)
     params: SamplingSpec
     stream: bool = False  # deltas per engine step instead of one final Output
     request_id: str = ""  # the client-facing request id, for logs
+    chat: list[ChatMessage] | None = None  # rendered with the model's chat template
+    echo: bool = False  # the prompt's text comes first in each choice's text
+
+
+class Tokenize(_Msg, tag="tok"):
+    rid: int
+    text: str | None = None
+    chat: list[ChatMessage] | None = None  # rendered with the chat template first
+    add_special_tokens: bool = True
+
+
+class Detokenize(_Msg, tag="detok"):
+    rid: int
+    tokens: list[int]
 
 
 class Abort(_Msg, tag="abort"):
@@ -68,7 +90,7 @@ class GetStats(_Msg, tag="getstats"):
     rid: int  # answered by an EngineStats with the same rid
 
 
-GatewayMessage = Hello | Generate | Abort | GetStats
+GatewayMessage = Hello | Generate | Abort | GetStats | Tokenize | Detokenize
 
 
 # ---------------------------------------------------------------- worker -> gateway
@@ -89,11 +111,23 @@ class HandshakeRefused(_Msg, tag="refused"):
     message: str
 
 
+class TopLogprob(msgspec.Struct, array_like=True, gc=False):
+    token: str
+    logprob: float
+
+
+class TokenLogprob(msgspec.Struct, array_like=True, gc=False):
+    token: str  # the sampled token's text
+    logprob: float
+    top: list[TopLogprob] = []  # the most likely tokens at this position, best first
+
+
 class Choice(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     index: int
     text: str  # the whole text (final) or the new text (stream delta)
     tokens: int  # tokens generated in this message for this choice
     finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token in this message, when asked
 
 
 class Output(_Msg, tag="out"):
@@ -131,4 +165,10 @@ class EngineStats(_Msg, tag="stats"):
     engine_core_pids: list[int] = []  # vLLM's own processes under the worker
 
 
-WorkerMessage = Welcome | HandshakeRefused | Output | Failure | EngineStats
+class TokenizeResult(_Msg, tag="tokres"):
+    rid: int
+    tokens: list[int]
+    text: str
+
+
+WorkerMessage = Welcome | HandshakeRefused | Output | Failure | EngineStats | TokenizeResult

@@ -39,10 +39,6 @@ def run_engine(config: Phi3MiniConfig) -> int:
         return asyncio.run(_main(config, cpu))
     except KeyboardInterrupt:
         return EXIT_STOPPED
-    finally:
-        import gc
-
-        gc.collect()  # AsyncLLM sits in reference cycles: release it while modules are alive
 
 
 def _cpu_host() -> bool:

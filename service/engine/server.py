@@ -77,6 +77,16 @@ class EngineServer:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def _chat_ids(self, chat: list[p.ChatMessage]) -> list[int]:
+        if not chat:
+            raise RequestError("messages must not be empty", "messages")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in chat], add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # a template may reject a conversation (e.g. role order)
+            raise RequestError(f"messages cannot be rendered with the chat template: {exc}", "messages") from None
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
@@ -89,11 +99,16 @@ class EngineServer:
             bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
             if bad is not None:
                 raise RequestError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})", "prompt")
+        return self._fit(ids)
+
+    def _fit(self, ids: list[int], param: str = "prompt") -> list[int]:
+        if not ids:
+            raise RequestError(f"{param} must not be empty", param)
         if len(ids) >= self.max_model_len:
             raise RequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. "
                 f"However, your prompt contains {len(ids)} tokens, leaving no room for output.",
-                "prompt",
+                param,
             )
         return ids
 
@@ -106,8 +121,15 @@ class EngineServer:
                 f"context is {self.max_model_len}, so at most {room} tokens can be generated.",
                 "max_tokens",
             )
+        for name, token_ids in (("logit_bias", [t for t, _ in spec.logit_bias]), ("stop_token_ids", spec.stop_token_ids)):
+            bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise RequestError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})", name)
         return self._SamplingParams(
             n=spec.n,
+            min_p=spec.min_p,
+            logprobs=spec.logprobs,
+            logit_bias=dict(spec.logit_bias) or None,
             max_tokens=max_tokens,
             temperature=spec.temperature,
             top_p=spec.top_p,
@@ -129,15 +151,24 @@ class EngineServer:
 
         rid = msg.rid
         try:
-            ids = self._prompt_ids(msg.prompt)
+            ids = self._fit(self._chat_ids(msg.chat), "messages") if msg.chat is not None else self._prompt_ids(msg.prompt)
             params = self._sampling(msg.params, len(ids), msg.stream)
+            echo = ""
+            if msg.echo:
+                echo = msg.prompt if isinstance(msg.prompt, str) else self.tokenizer.decode(ids)
+                if msg.stream:
+                    conn.send(p.Output(rid, [p.Choice(i, echo, 0) for i in range(msg.params.n)]))
+                    echo = ""
+            want_logprobs = msg.params.logprobs is not None
             prompt = self._TokensPrompt(prompt_token_ids=ids)
             request_id = f"{conn.conn_id}-{rid}"
             finish = _FINISH
             generated = 0
             async for out in self.engine.generate(prompt, params, request_id):
                 choices = [
-                    p.Choice(c.index, c.text, len(c.token_ids), finish.get(c.finish_reason))  # type: ignore[arg-type]
+                    p.Choice(c.index, echo + c.text if echo else c.text, len(c.token_ids),
+                             finish.get(c.finish_reason),  # type: ignore[arg-type]
+                             _logprobs(c, msg.params.logprobs) if want_logprobs else None)
                     for c in out.outputs
                 ]
                 generated += sum(ch.tokens for ch in choices)
@@ -186,6 +217,21 @@ class EngineServer:
         log.info("request refused", request_id=msg.request_id, status=status, param=param, reason=message)
         conn.send(p.Failure(msg.rid, status, message, param))
 
+    def tokenize(self, msg: p.Tokenize | p.Detokenize) -> p.TokenizeResult | p.Failure:
+        try:
+            if isinstance(msg, p.Detokenize):
+                bad = next((t for t in msg.tokens if not 0 <= t < self.vocab_size), None)
+                if bad is not None:
+                    raise RequestError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})", "tokens")
+                return p.TokenizeResult(msg.rid, msg.tokens, self.tokenizer.decode(msg.tokens))
+            if msg.chat is not None:
+                ids = self._chat_ids(msg.chat)
+            else:
+                ids = self.tokenizer.encode(msg.text or "", add_special_tokens=msg.add_special_tokens)
+            return p.TokenizeResult(msg.rid, ids, msg.text or "")
+        except RequestError as exc:
+            return p.Failure(msg.rid, exc.status, str(exc), exc.param)
+
     def stats(self, rid: int) -> p.EngineStats:
         sched, counters = self.scheduler, self.counters
         idle = not self._tasks
@@ -211,6 +257,21 @@ class EngineServer:
             task.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5.0)
+
+
+def _logprobs(completion: Any, k: int | None) -> list[p.TokenLogprob]:
+    """vLLM's per-position {token id: Logprob} maps, as the sampled token plus the top k."""
+    result = []
+    for token_id, position in zip(completion.token_ids, completion.logprobs or ()):
+        if position is None:
+            continue
+        sampled = position.get(token_id)
+        ranked = sorted(position.values(), key=lambda lp: lp.rank or 0)
+        top = [p.TopLogprob(lp.decoded_token or "", lp.logprob) for lp in ranked[: k or 0]]
+        if sampled is None:
+            continue
+        result.append(p.TokenLogprob(sampled.decoded_token or "", sampled.logprob, top))
+    return result
 
 
 def _child_pids() -> list[int]:
@@ -241,6 +302,8 @@ class EngineConnection(FrameConnection[p.GatewayMessage]):
                 self.requests[msg.rid] = self.server.start(self, msg)
             case p.GetStats(rid=rid) if self.greeted:
                 self.send(self.server.stats(rid))
+            case p.Tokenize() | p.Detokenize() if self.greeted:
+                self.send(self.server.tokenize(msg))
             case p.Abort(rid=rid):
                 task = self.requests.pop(rid, None)
                 if task is not None:

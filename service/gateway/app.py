@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from service.gateway import handlers
 from service.gateway.engine_client import EngineClient
 from service.gateway.keys import CLIENT, CONFIG, DRAINING, METRICS, STARTED
 from service.gateway.metrics import Metrics
 from service.gateway.middlewares import request_middleware
+from service.gateway.routes import add_routes
 from shared import sd_notify
 from shared.config import Phi3MiniConfig
 from shared.logging import get_logger
@@ -32,11 +32,7 @@ def create_app(config: Phi3MiniConfig) -> web.Application:
     app[STARTED] = time.time()
     app[DRAINING] = asyncio.Event()
     app.cleanup_ctx.append(_engine_client)
-    app.router.add_post("/v1/completions", handlers.completions)
-    app.router.add_get("/v1/models", handlers.models)
-    app.router.add_get("/v1/models/{model:.+}", handlers.model_info)
-    app.router.add_get("/health", handlers.health)
-    app.router.add_get("/version", handlers.version)
+    add_routes(app)
     return app
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from shared import protocol as p
 from shared.framing import FrameConnection
@@ -55,8 +56,8 @@ class _Connection(FrameConnection[p.WorkerMessage]):
         match msg:
             case p.Output(rid=rid) | p.Failure(rid=rid):
                 self.client._deliver(rid, msg)
-            case p.EngineStats(rid=rid):
-                self.client._deliver_stats(rid, msg)
+            case p.EngineStats(rid=rid) | p.TokenizeResult(rid=rid):
+                self.client._deliver_reply(rid, msg)
             case p.Welcome():
                 if not self.welcome.done():
                     self.welcome.set_result(msg)
@@ -161,34 +162,45 @@ class EngineClient:
                 else:
                     sink.set_result(msg)
 
-    def _deliver_stats(self, rid: int, msg: p.EngineStats) -> None:
+    def _deliver_reply(self, rid: int, msg: p.EngineStats | p.TokenizeResult) -> None:
         sink = self._sinks.pop(rid, None)
         if isinstance(sink, asyncio.Future) and not sink.done():
             sink.set_result(msg)
 
-    async def stats(self, timeout_s: float) -> p.EngineStats:
-        """The engine's current state; EngineUnavailable or TimeoutError if it does not answer."""
+    async def _ask(self, make: Callable[[int], p.GatewayMessage], timeout_s: float) -> Any:
+        """One request/reply exchange; EngineUnavailable, TimeoutError or RequestFailed."""
         conn = self._conn
         if conn is None or self.info is None:
             raise EngineUnavailable("the engine is not connected")
         rid = next(self._rids)
-        fut: asyncio.Future[p.EngineStats] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._sinks[rid] = fut
-        conn.send(p.GetStats(rid))
+        conn.send(make(rid))
         try:
             return await asyncio.wait_for(fut, timeout_s)
         finally:
             self._sinks.pop(rid, None)
 
+    async def stats(self, timeout_s: float) -> p.EngineStats:
+        """The engine's current state."""
+        return await self._ask(p.GetStats, timeout_s)  # type: ignore[no-any-return]
+
+    async def tokenize(self, text: str | None, chat: list[p.ChatMessage] | None, add_special_tokens: bool,
+                       timeout_s: float) -> p.TokenizeResult:
+        return await self._ask(lambda rid: p.Tokenize(rid, text, chat, add_special_tokens), timeout_s)  # type: ignore[no-any-return]
+
+    async def detokenize(self, tokens: list[int], timeout_s: float) -> p.TokenizeResult:
+        return await self._ask(lambda rid: p.Detokenize(rid, tokens), timeout_s)  # type: ignore[no-any-return]
+
     # ---------------------------------------------------------------- requests
-    def _submit(self, prompt: str | list[int], params: p.SamplingSpec, stream: bool,
-                request_id: str, sink: _Sink) -> int:
+    def _submit(self, prompt: str | list[int], params: p.SamplingSpec, stream: bool, request_id: str,
+                sink: _Sink, echo: bool, chat: list[p.ChatMessage] | None) -> int:
         conn = self._conn
         if conn is None or self.info is None:
             raise EngineUnavailable("the engine is not connected")
         rid = next(self._rids)
         self._sinks[rid] = sink
-        conn.send(p.Generate(rid, prompt, params, stream, request_id))
+        conn.send(p.Generate(rid, prompt, params, stream, request_id, chat, echo))
         return rid
 
     def _abort(self, rids: Sequence[int]) -> None:
@@ -197,8 +209,9 @@ class EngineClient:
             if self._sinks.pop(rid, None) is not None and conn is not None:
                 conn.send(p.Abort(rid))
 
-    async def complete(self, prompts: Sequence[str | list[int]], params: p.SamplingSpec,
-                       request_id: str, timeout_s: float) -> list[p.Output]:
+    async def complete(self, prompts: Sequence[str | list[int]], params: p.SamplingSpec, request_id: str,
+                       timeout_s: float, echo: bool = False,
+                       chat: list[p.ChatMessage] | None = None) -> list[p.Output]:
         """One final Output per prompt, in order."""
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[p.Output]] = []
@@ -206,7 +219,7 @@ class EngineClient:
         try:
             for prompt in prompts:
                 fut = loop.create_future()
-                rids.append(self._submit(prompt, params, False, request_id, fut))
+                rids.append(self._submit(prompt, params, False, request_id, fut, echo, chat))
                 futures.append(fut)
             async with asyncio.timeout(timeout_s):
                 if len(futures) == 1:
@@ -220,15 +233,16 @@ class EngineClient:
                 if fut.done() and not fut.cancelled():
                     fut.exception()
 
-    async def stream(self, prompts: Sequence[str | list[int]], params: p.SamplingSpec,
-                     request_id: str, timeout_s: float) -> AsyncIterator[tuple[int, p.Output]]:
+    async def stream(self, prompts: Sequence[str | list[int]], params: p.SamplingSpec, request_id: str,
+                     timeout_s: float, echo: bool = False,
+                     chat: list[p.ChatMessage] | None = None) -> AsyncIterator[tuple[int, p.Output]]:
         """Yield (prompt index, Output delta) until every prompt's stream has finished."""
         queue: asyncio.Queue[p.Output | p.Failure | Exception] = asyncio.Queue()
         rids: list[int] = []
         open_rids: set[int] = set()
         try:
             for prompt in prompts:
-                rid = self._submit(prompt, params, True, request_id, queue)
+                rid = self._submit(prompt, params, True, request_id, queue, echo, chat)
                 rids.append(rid)
                 open_rids.add(rid)
             index_of = {rid: i for i, rid in enumerate(rids)}

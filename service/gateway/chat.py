@@ -1,0 +1,106 @@
+"""POST /v1/chat/completions: messages rendered with the model's chat template (Phi-3's
+<|user|> … <|end|> <|assistant|> format), streaming and not."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from service.gateway import schemas as s
+from service.gateway.common import (ENGINE_ERRORS, SSE_DONE, check_model, decode_body, encode, engine_error,
+                                    finish, request_record, sampling_spec, sse, start_sse)
+from service.gateway.errors import ApiError, error_body
+from service.gateway.keys import CLIENT, CONFIG, RECORD, REQUEST_ID
+from service.gateway.metrics import RequestRecord
+from shared import protocol as p
+
+
+def _logprobs(choice: p.Choice) -> s.ChatLogprobs | None:
+    if choice.logprobs is None:
+        return None
+    return s.ChatLogprobs([
+        s.ChatTokenLogprob(lp.token, lp.logprob, list(lp.token.encode()),
+                           [s.TopLogprobOut(t.token, t.logprob, list(t.token.encode())) for t in lp.top])
+        for lp in choice.logprobs
+    ])
+
+
+def _params(req: s.ChatCompletionRequest) -> p.SamplingSpec:
+    if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
+        raise ApiError(400, "max_tokens and max_completion_tokens disagree; give one", "max_completion_tokens")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    return sampling_spec(req, req.max_completion_tokens or req.max_tokens, logprobs)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    req = await decode_body(request, s.ChatCompletionRequest)
+    model = check_model(request, req.model)
+    params = _params(req)
+    chat = [p.ChatMessage(m.role, m.content) for m in req.messages]
+    client = request.app[CLIENT]
+    timeout_s = request.app[CONFIG].request_timeout_s
+    request_id = request[REQUEST_ID]
+    if req.stream:
+        return await _stream(request, req, model, chat, params, request_id, timeout_s)
+    try:
+        (out,) = await client.complete([""], params, request_id, timeout_s, chat=chat)
+    except ENGINE_ERRORS as exc:
+        raise engine_error(exc) from None
+    choices = [s.ChatChoice(c.index, s.ChatMessageOut("assistant", c.text), _logprobs(c), finish(c.finish_reason))
+               for c in out.choices]
+    completion_tokens = sum(c.tokens for c in out.choices)
+    request[RECORD] = request_record([out], out.prompt_tokens, completion_tokens)
+    body = encode(s.ChatCompletion(
+        id=f"chatcmpl-{request_id}", created=int(time.time()), model=model, choices=choices,
+        usage=s.Usage(out.prompt_tokens, completion_tokens, out.prompt_tokens + completion_tokens)))
+    return web.Response(body=body, content_type="application/json")
+
+
+async def _stream(request: web.Request, req: s.ChatCompletionRequest, model: str, chat: list[p.ChatMessage],
+                  params: p.SamplingSpec, request_id: str, timeout_s: float) -> web.StreamResponse:
+    created = int(time.time())
+    cid = f"chatcmpl-{request_id}"
+    stream = request.app[CLIENT].stream([""], params, request_id, timeout_s, chat=chat)
+    response: web.StreamResponse | None = None
+    record = request[RECORD] = RequestRecord()
+    finals: list[p.Output] = []
+
+    def chunk(choices: list[s.ChatChunkChoice], usage: s.Usage | None = None) -> bytes:
+        return sse(encode(s.ChatCompletionChunk(id=cid, created=created, model=model, choices=choices, usage=usage)))
+
+    try:
+        async for _, out in stream:
+            if response is None:
+                response = await start_sse(request, request_id)
+                # OpenAI's first chunk carries the role of every choice.
+                await response.write(chunk([s.ChatChunkChoice(i, s.ChatDelta(role="assistant", content=""))
+                                            for i in range(params.n)]))
+            record.completion_tokens += sum(c.tokens for c in out.choices)
+            record.prompt_tokens += out.prompt_tokens
+            if out.finished:
+                finals.append(out)
+            choices = [s.ChatChunkChoice(c.index, s.ChatDelta(content=c.text), _logprobs(c), finish(c.finish_reason))
+                       for c in out.choices]
+            if choices:
+                await response.write(chunk(choices))
+    except ENGINE_ERRORS as exc:
+        err = engine_error(exc)
+        if response is None:
+            raise err from None
+        await response.write(sse(error_body(err.status, err.message, err.param, err.code)))
+        await response.write(SSE_DONE)
+        return response
+    finally:
+        await stream.aclose()
+    assert response is not None
+    full = request_record(finals, record.prompt_tokens, record.completion_tokens)
+    record.ttft_s, record.itl_s = full.ttft_s, full.itl_s
+    if req.stream_options is not None and req.stream_options.include_usage:
+        await response.write(chunk([], s.Usage(record.prompt_tokens, record.completion_tokens,
+                                               record.prompt_tokens + record.completion_tokens)))
+    await response.write(SSE_DONE)
+    await response.write_eof()
+    return response

@@ -1,0 +1,105 @@
+"""What the generation handlers share: body decoding, model check, sampling parameters,
+engine error mapping, and server-sent events."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from service.gateway import schemas as s
+from service.gateway.engine_client import DeadlineExceeded, EngineUnavailable, RequestFailed
+from service.gateway.errors import ApiError, from_validation
+from service.gateway.keys import CONFIG, DRAINING
+from service.gateway.metrics import RequestRecord
+from shared import protocol as p
+
+T = TypeVar("T")
+encode = msgspec.json.Encoder().encode
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_DONE = b"data: [DONE]\n\n"
+ENGINE_ERRORS = (RequestFailed, DeadlineExceeded, EngineUnavailable)
+_decoders: dict[type, msgspec.json.Decoder[Any]] = {}
+
+
+def sse(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
+async def decode_body(request: web.Request, kind: type[T]) -> T:
+    """The JSON body as `kind`; 503 while draining, 400 naming the field when it is wrong."""
+    if request.app[DRAINING].is_set():
+        raise ApiError(503, "The service is shutting down", code="draining", headers={"Retry-After": "5"})
+    ctype = request.headers.get("Content-Type", "application/json")
+    if not ctype.lower().startswith("application/json"):
+        raise ApiError(400, f"Content-Type must be application/json, not {ctype!r}", code="invalid_content_type")
+    body = await request.read()  # bounded by client_max_size: 413 beyond it
+    if not body:
+        raise ApiError(400, "The request body is empty; a JSON object is expected")
+    decoder = _decoders.get(kind) or _decoders.setdefault(kind, msgspec.json.Decoder(kind))
+    try:
+        return decoder.decode(body)  # type: ignore[no-any-return]
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise from_validation(exc) from None
+
+
+def check_model(request: web.Request, model: str | None) -> str:
+    config = request.app[CONFIG]
+    if model is None:
+        return config.served_model_name
+    if model not in config.served_names:
+        raise ApiError(404, f"The model {model!r} does not exist; this service serves "
+                            f"{' or '.join(map(repr, config.served_names))}", "model", "model_not_found")
+    return model
+
+
+def sampling_spec(req: s.SamplingFields, max_tokens: int | None, logprobs: int | None) -> p.SamplingSpec:
+    if req.stream_options is not None and not req.stream:
+        raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
+    bias: list[tuple[int, float]] = []
+    for key, value in (req.logit_bias or {}).items():
+        try:
+            bias.append((int(key), value))
+        except ValueError:
+            raise ApiError(400, f"logit_bias keys must be token ids, not {key!r}", "logit_bias") from None
+    stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    return p.SamplingSpec(
+        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
+        n=req.n, seed=req.seed, stop=stop, stop_token_ids=req.stop_token_ids or [],
+        ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+        min_tokens=req.min_tokens, min_p=req.min_p, logprobs=logprobs, logit_bias=bias,
+    )
+
+
+def engine_error(exc: Exception) -> ApiError:
+    if isinstance(exc, RequestFailed):
+        f = exc.failure
+        return ApiError(f.status, f.message, f.param, f.code)
+    if isinstance(exc, DeadlineExceeded):
+        return ApiError(504, f"Request deadline exceeded: {exc}", code="timeout")
+    return ApiError(503, f"The engine is unavailable: {exc}", code="engine_unavailable",
+                    headers={"Retry-After": "1"})
+
+
+def finish(reason: p.FinishReason | None) -> Any:
+    return None if reason is None else reason.openai
+
+
+def request_record(outputs: list[p.Output], prompt_tokens: int, completion_tokens: int) -> RequestRecord:
+    rec = RequestRecord(prompt_tokens, completion_tokens)
+    timed = [o for o in outputs if o.ttft_s > 0]
+    if timed:
+        rec.ttft_s = max(o.ttft_s for o in timed)
+        gaps = completion_tokens - len(timed)  # token-to-token intervals (n=1 per output)
+        if gaps > 0:
+            rec.itl_s = sum(o.decode_s for o in timed) / gaps
+    return rec
+
+
+async def start_sse(request: web.Request, request_id: str) -> web.StreamResponse:
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    response.headers["X-Request-Id"] = request_id
+    await response.prepare(request)
+    return response

@@ -1,0 +1,120 @@
+"""POST /v1/completions: OpenAI's text completions, streaming and not."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from service.gateway import schemas as s
+from service.gateway.common import (ENGINE_ERRORS, SSE_DONE, check_model, decode_body, encode, engine_error,
+                                    finish, request_record, sampling_spec, sse, start_sse)
+from service.gateway.errors import ApiError, error_body
+from service.gateway.keys import CLIENT, CONFIG, RECORD, REQUEST_ID
+from service.gateway.metrics import RequestRecord
+from shared import protocol as p
+
+
+def _prompts(req: s.CompletionRequest) -> list[str | list[int]]:
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    if all(type(x) is int for x in prompt):
+        return [prompt]  # one prompt of token ids
+    if len(prompt) > s.MAX_PROMPTS:
+        raise ApiError(400, f"At most {s.MAX_PROMPTS} prompts per request", "prompt")
+    if all(type(x) is str for x in prompt):
+        return list(prompt)
+    if all(isinstance(x, list) and x and all(type(t) is int for t in x) for x in prompt):
+        return list(prompt)
+    raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids "
+                        "or a list of lists of token ids", "prompt")
+
+
+def _logprobs(choice: p.Choice, offset: int) -> s.CompletionLogprobs | None:
+    if choice.logprobs is None:
+        return None
+    tokens, offsets = [], []
+    for lp in choice.logprobs:
+        tokens.append(lp.token)
+        offsets.append(offset)
+        offset += len(lp.token)
+    return s.CompletionLogprobs(
+        tokens=tokens, token_logprobs=[lp.logprob for lp in choice.logprobs],
+        top_logprobs=[{t.token: t.logprob for t in lp.top} for lp in choice.logprobs], text_offset=offsets)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    req = await decode_body(request, s.CompletionRequest)
+    model = check_model(request, req.model)
+    prompts = _prompts(req)
+    params = sampling_spec(req, req.max_tokens, req.logprobs)
+    client = request.app[CLIENT]
+    timeout_s = request.app[CONFIG].request_timeout_s
+    request_id = request[REQUEST_ID]
+    if req.stream:
+        return await _stream(request, req, model, prompts, params, request_id, timeout_s)
+    try:
+        outputs = await client.complete(prompts, params, request_id, timeout_s, echo=req.echo)
+    except ENGINE_ERRORS as exc:
+        raise engine_error(exc) from None
+    n = params.n
+    choices = [
+        s.CompletionChoice(i * n + c.index, c.text, _logprobs(c, 0), finish(c.finish_reason))
+        for i, out in enumerate(outputs) for c in out.choices
+    ]
+    prompt_tokens = sum(out.prompt_tokens for out in outputs)
+    completion_tokens = sum(c.tokens for out in outputs for c in out.choices)
+    request[RECORD] = request_record(outputs, prompt_tokens, completion_tokens)
+    body = encode(s.Completion(
+        id=f"cmpl-{request_id}", created=int(time.time()), model=model, choices=choices,
+        usage=s.Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens),
+    ))
+    return web.Response(body=body, content_type="application/json")
+
+
+async def _stream(request: web.Request, req: s.CompletionRequest, model: str, prompts: list[str | list[int]],
+                  params: p.SamplingSpec, request_id: str, timeout_s: float) -> web.StreamResponse:
+    n = params.n
+    created = int(time.time())
+    cid = f"cmpl-{request_id}"
+    stream = request.app[CLIENT].stream(prompts, params, request_id, timeout_s, echo=req.echo)
+    response: web.StreamResponse | None = None
+    record = request[RECORD] = RequestRecord()
+    finals: list[p.Output] = []
+    offsets: dict[int, int] = {}
+    try:
+        async for index, out in stream:
+            if response is None:  # errors before the first token are still plain JSON errors
+                response = await start_sse(request, request_id)
+            record.completion_tokens += sum(c.tokens for c in out.choices)
+            record.prompt_tokens += out.prompt_tokens
+            if out.finished:
+                finals.append(out)
+            choices = []
+            for c in out.choices:
+                k = index * n + c.index
+                choices.append(s.CompletionChoice(k, c.text, _logprobs(c, offsets.get(k, 0)), finish(c.finish_reason)))
+                offsets[k] = offsets.get(k, 0) + len(c.text)
+            if choices:
+                chunk = s.Completion(id=cid, created=created, model=model, choices=choices)
+                await response.write(sse(encode(chunk)))
+    except ENGINE_ERRORS as exc:
+        err = engine_error(exc)
+        if response is None:
+            raise err from None
+        await response.write(sse(error_body(err.status, err.message, err.param, err.code)))
+        await response.write(SSE_DONE)
+        return response
+    finally:
+        await stream.aclose()
+    assert response is not None
+    full = request_record(finals, record.prompt_tokens, record.completion_tokens)
+    record.ttft_s, record.itl_s = full.ttft_s, full.itl_s
+    if req.stream_options is not None and req.stream_options.include_usage:
+        usage = s.Usage(record.prompt_tokens, record.completion_tokens,
+                        record.prompt_tokens + record.completion_tokens)
+        await response.write(sse(encode(s.Completion(id=cid, created=created, model=model, choices=[], usage=usage))))
+    await response.write(SSE_DONE)
+    await response.write_eof()
+    return response

@@ -1,0 +1,183 @@
+"""Property-based requests on both generation routes: at least 500 generated requests each,
+mixing valid and hostile values. No 5xx, every response valid against /openapi.json, and
+the engine healthy afterwards."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import jsonschema
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.helpers import ServiceProcess
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = 520
+
+garbage = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=False),
+                    st.text(max_size=12), st.lists(st.integers(-5, 5), max_size=3), st.just({}),
+                    st.just([]), st.just("NaN"))
+small_text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
+token_ids = st.lists(st.integers(-3, 5000), min_size=0, max_size=12)
+stops = st.one_of(small_text, st.lists(small_text, max_size=20))
+common = {
+    "model": st.one_of(st.sampled_from(["phi-3-mini", "microsoft/Phi-3-mini-4k-instruct", "gpt-4"]), garbage),
+    # never null or absent: "what fits in the context" would make each request thousands of tokens long
+    "max_tokens": st.one_of(st.integers(-2, 6), st.text(max_size=3), st.floats(allow_nan=False), st.just([])),
+    "temperature": st.one_of(st.floats(-1, 3, allow_nan=False), garbage),
+    "top_p": st.one_of(st.floats(-0.5, 1.5, allow_nan=False), garbage),
+    "top_k": st.one_of(st.integers(-3, 50), garbage),
+    "min_p": st.one_of(st.floats(-0.1, 1.1, allow_nan=False), garbage),
+    "n": st.one_of(st.integers(-1, 20), garbage),
+    "stop": st.one_of(stops, garbage),
+    "stop_token_ids": st.one_of(token_ids, garbage),
+    "seed": st.one_of(st.integers(-5, 2**64), garbage),
+    "stream": st.one_of(st.booleans(), garbage),
+    "stream_options": st.one_of(st.fixed_dictionaries({"include_usage": st.booleans()}), garbage),
+    "ignore_eos": st.one_of(st.booleans(), garbage),
+    "min_tokens": st.one_of(st.integers(-1, 4), garbage),
+    "presence_penalty": st.one_of(st.floats(-3, 3, allow_nan=False), garbage),
+    "frequency_penalty": st.one_of(st.floats(-3, 3, allow_nan=False), garbage),
+    "repetition_penalty": st.one_of(st.floats(-1, 3, allow_nan=False), garbage),
+    "logit_bias": st.one_of(st.dictionaries(st.one_of(st.integers(-2, 6000).map(str), small_text),
+                                            st.floats(-150, 150, allow_nan=False), max_size=4), garbage),
+    "user": st.one_of(small_text, garbage),
+    "bogus_param": garbage,
+}
+completion_fields = {**common,
+                     "prompt": st.one_of(small_text, st.lists(small_text, max_size=4), token_ids,
+                                         st.lists(token_ids, max_size=3), garbage),
+                     "echo": st.one_of(st.booleans(), garbage),
+                     "logprobs": st.one_of(st.integers(-1, 25), garbage)}
+message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool", ""]),
+                                 "content": st.one_of(small_text, garbage)})
+chat_fields = {**common,
+               "messages": st.one_of(st.lists(message, max_size=4), garbage),
+               "logprobs": st.one_of(st.booleans(), garbage),
+               "top_logprobs": st.one_of(st.integers(-1, 25), garbage),
+               "max_completion_tokens": st.one_of(st.integers(-1, 6), st.text(max_size=2))}
+
+
+valid_common = {
+    "model": st.sampled_from(["phi-3-mini", "microsoft/Phi-3-mini-4k-instruct"]),
+    "max_tokens": st.integers(1, 6), "temperature": st.floats(0, 2), "top_p": st.floats(0.05, 1),
+    "top_k": st.integers(-1, 50), "min_p": st.floats(0, 1), "n": st.integers(1, 3),
+    "stop": st.one_of(st.text(min_size=1, max_size=4), st.lists(st.text(min_size=1, max_size=4), max_size=3)),
+    "seed": st.integers(0, 2**63 - 1), "stream": st.booleans(),
+    "ignore_eos": st.booleans(), "min_tokens": st.integers(0, 2),
+    "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
+    "repetition_penalty": st.floats(0.5, 2), "user": small_text,
+    "logit_bias": st.dictionaries(st.integers(0, 4000).map(str), st.floats(-100, 100), max_size=3),
+}
+valid_completion = {**valid_common, "prompt": st.one_of(st.text(min_size=1, max_size=40),
+                                                        st.lists(st.integers(0, 4000), min_size=1, max_size=8)),
+                    "echo": st.booleans(), "logprobs": st.integers(0, 5)}
+valid_chat = {**valid_common,
+              "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]),
+                                                          "content": st.text(max_size=30)}), min_size=1, max_size=3),
+              "logprobs": st.booleans()}
+
+
+def bodies(hostile: dict[str, Any], valid: dict[str, Any], required: str) -> st.SearchStrategy[Any]:
+    """Half well-formed requests that reach the engine, half hostile ones."""
+    def build(fields: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
+        return st.fixed_dictionaries({required: fields[required], "max_tokens": fields["max_tokens"]},
+                                     optional={k: v for k, v in fields.items() if k not in (required, "max_tokens")})
+    hostile_bodies = build(hostile).map(lambda d: {k: v for k, v in d.items() if k != "bogus_param" or len(d) % 7 == 0})
+    return st.one_of(build(valid), hostile_bodies, garbage)
+
+
+class Checker:
+    def __init__(self, service: ServiceProcess) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=60)
+        with_doc = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
+        with_doc.request("GET", "/openapi.json")
+        self.doc = json.loads(with_doc.getresponse().read())
+        with_doc.close()
+        self.sent = 0
+        self.statuses: dict[int, int] = {}
+
+    def validator(self, path: str, status: int, stream: bool) -> jsonschema.Draft202012Validator:
+        responses = self.doc["paths"][path]["post"]["responses"]
+        content = responses[str(status)]["content"]
+        schema = content["text/event-stream"]["x-event-schema"] if stream else content["application/json"]["schema"]
+        return jsonschema.Draft202012Validator({**schema, "components": self.doc["components"]})
+
+    def post(self, path: str, body: Any) -> None:
+        raw = json.dumps(body).encode()
+        self.conn.request("POST", path, body=raw, headers={"Content-Type": "application/json"})
+        resp = self.conn.getresponse()
+        data = resp.read()
+        self.sent += 1
+        self.statuses[resp.status] = self.statuses.get(resp.status, 0) + 1
+        assert resp.status < 500, (resp.status, body, data[:500])
+        if resp.status == 200 and resp.getheader("Content-Type", "").startswith("text/event-stream"):
+            events = [e for e in data.decode().split("\n\n") if e]
+            assert events[-1] == "data: [DONE]", events[-3:]
+            chunk_check = self.validator(path, 200, stream=True)
+            error_check = self.validator(path, 400, stream=False)
+            for event in events[:-1]:
+                payload = json.loads(event.removeprefix("data: "))
+                (error_check if "error" in payload else chunk_check).validate(payload)
+            return
+        self.validator(path, resp.status, stream=False).validate(json.loads(data))
+
+
+@pytest.fixture(scope="module")
+def checker(service: ServiceProcess) -> Iterator[Checker]:
+    checker = Checker(service)
+    yield checker
+    checker.conn.close()
+
+
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                       HealthCheck.data_too_large, HealthCheck.filter_too_much])
+
+
+def test_fuzz_completions(checker: Checker) -> None:
+    before = checker.sent
+
+    @FUZZ
+    @given(bodies(completion_fields, valid_completion, "prompt"))
+    def run(body: Any) -> None:
+        checker.post("/v1/completions", body)
+
+    checker.statuses.clear()
+    run()
+    assert checker.sent - before >= 500
+    print("completions statuses", checker.statuses)
+    assert checker.statuses.get(200, 0) >= 25  # the generator reaches the engine, not only the validator
+
+
+def test_fuzz_chat_completions(checker: Checker) -> None:
+    before = checker.sent
+
+    @FUZZ
+    @given(bodies(chat_fields, valid_chat, "messages"))
+    def run(body: Any) -> None:
+        checker.post("/v1/chat/completions", body)
+
+    checker.statuses.clear()
+    run()
+    assert checker.sent - before >= 500
+    print("chat statuses", checker.statuses)
+    assert checker.statuses.get(200, 0) >= 25
+
+
+def test_engine_healthy_after_fuzzing(checker: Checker, service: ServiceProcess) -> None:
+    assert service.wait_healthy(10)["status"] == "healthy"
+    checker.post("/v1/completions", {"prompt": "still fine", "max_tokens": 2})
+    # nothing leaked: no request left running in the engine
+    conn = http.client.HTTPConnection("127.0.0.1", service.metrics_port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    running = [line for line in text.splitlines() if line.startswith("phi3_mini_requests_running ")]
+    assert running and float(running[0].split()[1]) == 0

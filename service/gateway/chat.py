@@ -8,9 +8,10 @@ import time
 from aiohttp import web
 
 from service.gateway import schemas as s
-from service.gateway.common import (ENGINE_ERRORS, SSE_DONE, check_model, decode_body, encode, engine_error,
-                                    finish, request_record, sampling_spec, sse, start_sse)
-from service.gateway.errors import ApiError, error_body
+from service.gateway.common import (ENGINE_ERRORS, check_model, decode_body, encode, end_stream,
+                                    end_stream_with_error, engine_error, finish, request_record, sampling_spec,
+                                    sse, start_sse)
+from service.gateway.errors import ApiError
 from service.gateway.keys import CLIENT, CONFIG, RECORD, REQUEST_ID
 from service.gateway.metrics import RequestRecord
 from shared import protocol as p
@@ -87,20 +88,9 @@ async def _stream(request: web.Request, req: s.ChatCompletionRequest, model: str
             if choices:
                 await response.write(chunk(choices))
     except ENGINE_ERRORS as exc:
-        err = engine_error(exc)
-        if response is None:
-            raise err from None
-        await response.write(sse(error_body(err.status, err.message, err.param, err.code)))
-        await response.write(SSE_DONE)
-        return response
+        return await end_stream_with_error(response, exc)
     finally:
         await stream.aclose()
     assert response is not None
-    full = request_record(finals, record.prompt_tokens, record.completion_tokens)
-    record.ttft_s, record.itl_s = full.ttft_s, full.itl_s
-    if req.stream_options is not None and req.stream_options.include_usage:
-        await response.write(chunk([], s.Usage(record.prompt_tokens, record.completion_tokens,
-                                               record.prompt_tokens + record.completion_tokens)))
-    await response.write(SSE_DONE)
-    await response.write_eof()
-    return response
+    include_usage = req.stream_options is not None and req.stream_options.include_usage
+    return await end_stream(response, record, finals, (lambda usage: chunk([], usage)) if include_usage else None)

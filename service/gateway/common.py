@@ -3,6 +3,7 @@ engine error mapping, and server-sent events."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -10,7 +11,7 @@ from aiohttp import web
 
 from service.gateway import schemas as s
 from service.gateway.engine_client import DeadlineExceeded, EngineUnavailable, RequestFailed
-from service.gateway.errors import ApiError, from_validation
+from service.gateway.errors import ApiError, error_body, from_validation
 from service.gateway.keys import CONFIG, DRAINING
 from service.gateway.metrics import RequestRecord
 from shared import protocol as p
@@ -102,4 +103,28 @@ async def start_sse(request: web.Request, request_id: str) -> web.StreamResponse
     response = web.StreamResponse(headers=SSE_HEADERS)
     response.headers["X-Request-Id"] = request_id
     await response.prepare(request)
+    return response
+
+
+async def end_stream_with_error(response: web.StreamResponse | None, exc: Exception) -> web.StreamResponse:
+    """Before the first event the error is a plain JSON response; after it, an error event
+    and the end of the stream."""
+    err = engine_error(exc)
+    if response is None:
+        raise err from None
+    await response.write(sse(error_body(err.status, err.message, err.param, err.code)))
+    await response.write(SSE_DONE)
+    return response
+
+
+async def end_stream(response: web.StreamResponse, record: RequestRecord, finals: list[p.Output],
+                     usage_event: Callable[[s.Usage], bytes] | None) -> web.StreamResponse:
+    """Timing for the log line and metrics, the usage event if asked, then [DONE]."""
+    full = request_record(finals, record.prompt_tokens, record.completion_tokens)
+    record.ttft_s, record.itl_s = full.ttft_s, full.itl_s
+    if usage_event is not None:
+        total = record.prompt_tokens + record.completion_tokens
+        await response.write(usage_event(s.Usage(record.prompt_tokens, record.completion_tokens, total)))
+    await response.write(SSE_DONE)
+    await response.write_eof()
     return response

@@ -94,7 +94,9 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
     for entry in content:
         assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
         assert entry.bytes == list(entry.token.encode())
-    assert "".join(e.token for e in content) == result.choices[0].message.content
+    # byte-level tokens may split a UTF-8 character: compare without the replacement character
+    joined = "".join(e.token for e in content).replace("\ufffd", "")
+    assert joined == (result.choices[0].message.content or "").replace("\ufffd", "")
 
 
 def test_chat_bad_role_and_empty_messages(base_url: str) -> None:
@@ -122,7 +124,7 @@ def test_completion_logprobs_one_entry_per_token(client: openai.OpenAI) -> None:
     assert lp is not None
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5  # type: ignore[arg-type]
     assert all(len(t) == 2 for t in lp.top_logprobs)  # type: ignore[union-attr]
-    assert "".join(lp.tokens) == result.choices[0].text  # type: ignore[arg-type]
+    assert "".join(lp.tokens).replace("\ufffd", "") == result.choices[0].text.replace("\ufffd", "")  # type: ignore[arg-type]
     assert lp.text_offset[0] == 0  # type: ignore[index]
 
 

@@ -43,7 +43,10 @@ test-unit: install
 	$(PY) -m pytest tests/shared tests/service -m "not integration"
 
 bench: install demo-model tools
-	$(PY) benchmarks/ab_compare.py
+	$(PY) -m pip install -q -e '.[cpu,test,bench]'
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(PY) benchmarks/compare.py --rounds 3
+	$(PY) benchmarks/spec_checks.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_MODEL) *.egg-info

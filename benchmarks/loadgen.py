@@ -47,6 +47,7 @@ class Sample:
     ok: bool
     status: int
     e2e_s: float
+    start_s: float = 0.0  # when it was sent, from the start of the run
     ttft_s: float = 0.0
     output_tokens: int = 0
     itls_s: list[float] = field(default_factory=list)
@@ -124,9 +125,12 @@ async def run(load: Load) -> dict[str, Any]:
 
             async def worker() -> None:
                 for i in counter:
-                    if time.perf_counter() > deadline:
+                    sent = time.perf_counter()
+                    if sent > deadline:
                         return
-                    samples.append(await _one(session, load, i))
+                    sample = await _one(session, load, i)
+                    sample.start_s = sent - started
+                    samples.append(sample)
 
             await asyncio.gather(*(worker() for _ in range(load.concurrency or 1)))
         else:
@@ -174,6 +178,7 @@ def summarize(load: Load, samples: list[Sample], wall_s: float, cpu_s: float) ->
         "tpot_ms": ms(_percentiles(tpots)),
         "itl_ms": ms(_percentiles([x for s in ok for x in s.itls_s])),
         "loadgen_cpu_cores": cpu_s / wall_s,  # this process's own CPU use, in cores
+        "slowest": [(round(s.start_s, 3), round(s.e2e_s * 1000, 1)) for s in sorted(ok, key=lambda s: -s.e2e_s)[:5]],
     }
 
 

@@ -93,7 +93,7 @@ def kv_cache_bytes(config: Phi3MiniConfig, model_dir: Path, dtype: str) -> int:
 def engine_cpu_list(config: Phi3MiniConfig) -> list[int]:
     """CPUs for the engine's OpenMP threads: cpu_cores of the allowed ones, leaving one
     for the gateway and scheduler when there are two or more."""
-    allowed = sorted(os.sched_getaffinity(0))
+    allowed = sorted(_ALLOWED_AT_START)  # as the process started, before any OpenMP binding
     cores = min(config.cpu_cores, len(allowed))
     threads = max(1, cores - 1)
     return allowed[cores - threads : cores]
@@ -111,6 +111,9 @@ def prepare_environment(config: Phi3MiniConfig, cpu: bool) -> dict[str, str]:
         "VLLM_LOGGING_LEVEL": config.log_level if config.log_level != "CRITICAL" else "ERROR",
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
+        # glibc makes an arena per thread; vLLM's processes run dozens of threads, and the
+        # arenas hold freed memory. Two are enough here and keep RSS down.
+        "MALLOC_ARENA_MAX": "2",
     }
     if cpu:
         cpus = engine_cpu_list(config)
@@ -156,10 +159,14 @@ def engine_args(config: Phi3MiniConfig, model: ModelChoice, cpu: bool) -> Any:
     return AsyncEngineArgs(**kwargs)
 
 
-def unpin_this_process() -> None:
-    """Undo the OpenMP binding in this (front-end) process once the EngineCore has
-    started with it: tokenizing and detokenizing must not share the engine's core."""
-    allowed = os.sched_getaffinity(0) | set(_ALLOWED_AT_START)
+def unpin_this_process(config: Phi3MiniConfig) -> None:
+    """Move this (front-end) process off the engine's cores once the EngineCore has started
+    with the OpenMP binding: tokenizing and detokenizing must not share the engine's core.
+    With cpu_optimization it goes to the other allowed cores; else anywhere."""
+    allowed = set(_ALLOWED_AT_START)
+    if config.cpu_optimization:
+        others = allowed - set(engine_cpu_list(config))
+        allowed = others or allowed
     for tid in os.listdir("/proc/self/task"):
         try:
             os.sched_setaffinity(int(tid), allowed)

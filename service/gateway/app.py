@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -73,6 +74,8 @@ async def _serve(config: Phi3MiniConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     app = create_app(config)
+    gc.collect()
+    gc.freeze()  # start-up objects live as long as the process: keep them out of collections
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            keepalive_timeout=KEEPALIVE_TIMEOUT_S, shutdown_timeout=DRAIN_TIMEOUT_S)
     await runner.setup()

@@ -1,0 +1,136 @@
+"""Starting the two systems under test on the same demo model and engine settings:
+this service (`citadel-llm serve`) and vLLM's own OpenAI server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from service.engine.settings import kv_cache_bytes  # noqa: E402
+from shared.config import Phi3MiniConfig  # noqa: E402
+from tests.helpers import ServiceProcess, demo_model_dir, free_port  # noqa: E402
+
+
+class Server:
+    """One system under test: its URL, its process tree, and a sampler of the tree's RSS."""
+
+    def __init__(self, name: str, url: str, proc: subprocess.Popen[bytes], stop: object) -> None:
+        self.name, self.url, self.proc, self._stop = name, url, proc, stop
+        self.ready_s = 0.0
+        self.peak_rss_mb = 0.0
+        self._sampling = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def tree_rss_mb(self) -> float:
+        total = 0
+        try:
+            root = psutil.Process(self.proc.pid)
+            for proc in [root, *root.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            return 0.0
+        return total / 2**20
+
+    def tree_cpu_s(self) -> float:
+        total = 0.0
+        try:
+            root = psutil.Process(self.proc.pid)
+            for proc in [root, *root.children(recursive=True)]:
+                try:
+                    times = proc.cpu_times()
+                    total += times.user + times.system
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+        return total
+
+    def _sample(self) -> None:
+        while not self._sampling.wait(0.25):
+            self.peak_rss_mb = max(self.peak_rss_mb, self.tree_rss_mb())
+
+    def wait_ready(self, timeout_s: float = 600) -> None:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        self.ready_s = time.monotonic() - started
+                        self._thread.start()
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} not ready")
+
+    def stop(self) -> None:
+        self._sampling.set()
+        self._stop()  # type: ignore[operator]
+
+
+def engine_config() -> Phi3MiniConfig:
+    return Phi3MiniConfig()  # the shipped defaults: max_num_seqs 32, max_num_batched_tokens 1024
+
+
+def start_citadel(config: Phi3MiniConfig) -> Server:
+    svc = ServiceProcess(max_num_seqs=str(config.max_num_seqs),
+                         max_num_batched_tokens=str(config.max_num_batched_tokens), log_level="WARNING")
+    svc.start()
+    assert svc.proc is not None
+    return Server("citadel", svc.base_url, svc.proc, svc.stop)
+
+
+def start_vllm(config: Phi3MiniConfig, log_path: Path) -> Server:
+    model = demo_model_dir()
+    port = free_port()
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+            "--served-model-name", "phi-3-mini", "--dtype", "float32",
+            "--max-model-len", str(config.max_model_len), "--max-num-seqs", str(config.max_num_seqs),
+            "--max-num-batched-tokens", str(config.max_num_batched_tokens),
+            "--kv-cache-memory-bytes", str(kv_cache_bytes(config, model, "float32")),
+            "--host", "127.0.0.1", "--port", str(port), "--disable-log-stats", "--disable-uvicorn-access-log"]
+    env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def stop() -> None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            proc.kill()
+        log.close()
+
+    return Server("vllm", f"http://127.0.0.1:{port}", proc, stop)
+
+
+def wait_quiet(servers: list[Server], max_cores: float = 0.1, window_s: float = 0.5, timeout_s: float = 15.0) -> float:
+    """Wait until every system is idle (all its processes together below max_cores over a
+    window), so that one system's after-run activity does not tax the next run of the other.
+    Returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        before = [s.tree_cpu_s() for s in servers]
+        time.sleep(window_s)
+        after = [s.tree_cpu_s() for s in servers]
+        if all((a - b) / window_s < max_cores for a, b in zip(after, before)):
+            break
+    return time.monotonic() - started

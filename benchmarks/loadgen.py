@@ -47,10 +47,10 @@ class Sample:
     ok: bool
     status: int
     e2e_s: float
-    start_s: float = 0.0  # when it was sent, from the start of the run
     ttft_s: float = 0.0
     output_tokens: int = 0
     itls_s: list[float] = field(default_factory=list)
+    start_s: float = 0.0  # when it was sent, from the start of the run
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -86,7 +86,7 @@ async def _one(session: aiohttp.ClientSession, load: Load, i: int) -> Sample:
                 data = await resp.json()
                 tokens = data.get("usage", {}).get("completion_tokens", 0)
                 e2e = time.perf_counter() - started
-                return Sample(True, 200, e2e, e2e, tokens)
+                return Sample(True, 200, e2e, ttft_s=e2e, output_tokens=tokens)
             ttft = 0.0
             last = started
             itls: list[float] = []
@@ -107,7 +107,7 @@ async def _one(session: aiohttp.ClientSession, load: Load, i: int) -> Sample:
                 else:
                     itls.append(now - last)
                 last = now
-            return Sample(True, 200, time.perf_counter() - started, ttft, tokens, itls)
+            return Sample(True, 200, time.perf_counter() - started, ttft_s=ttft, output_tokens=tokens, itls_s=itls)
     except (aiohttp.ClientError, asyncio.TimeoutError):
         return Sample(False, 0, time.perf_counter() - started)
 

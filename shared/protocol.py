@@ -163,6 +163,7 @@ class EngineStats(_Msg, tag="stats"):
     generation_tokens_total: int
     requests_finished_total: int
     engine_core_pids: list[int] = []  # vLLM's own processes under the worker
+    seconds_since_output: float = 0.0  # how long ago the engine last produced a token
 
 
 class TokenizeResult(_Msg, tag="tokres"):

@@ -63,7 +63,8 @@ class EngineServer:
 
     def making_progress(self, stall_s: float) -> bool:
         """Idle, or some output within the last stall_s seconds."""
-        return not self._tasks or time.monotonic() - self.last_output < stall_s
+        last = max(self.last_output, self.scheduler.last_step)
+        return not self._tasks or time.monotonic() - last < stall_s
 
     def connection(self) -> EngineConnection:
         return EngineConnection(self, next(self._conn_ids))
@@ -247,6 +248,7 @@ class EngineServer:
             generation_tokens_total=counters.generation_tokens,
             requests_finished_total=counters.requests_finished,
             engine_core_pids=_child_pids(),
+            seconds_since_output=time.monotonic() - max(self.last_output, sched.last_step),
         )
 
     async def drain(self, timeout_s: float) -> None:

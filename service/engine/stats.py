@@ -3,6 +3,7 @@ vLLM stat logger) and the worker's own token and request counts."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
@@ -15,9 +16,11 @@ class SchedulerSnapshot(StatLoggerBase):
         self.running = 0
         self.waiting = 0
         self.kv_cache_usage = 0.0
+        self.last_step = time.monotonic()  # when vLLM last reported an engine step
 
     def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
                engine_idx: int = 0) -> None:
+        self.last_step = time.monotonic()
         if scheduler_stats is not None:
             self.running = scheduler_stats.num_running_reqs
             self.waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs

@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from service.gateway.engine_client import EngineClient
-from service.gateway.keys import CLIENT, CONFIG, DRAINING, METRICS, STARTED
+from service.gateway.health import HealthMonitor
+from service.gateway.keys import CLIENT, CONFIG, DRAINING, HEALTH, METRICS, STARTED
 from service.gateway.metrics import Metrics
 from service.gateway.middlewares import request_middleware
 from service.gateway.routes import add_routes
@@ -29,6 +30,7 @@ def create_app(config: Phi3MiniConfig) -> web.Application:
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[request_middleware])
     app[CONFIG] = config
     app[CLIENT] = EngineClient(config.engine_socket_path())
+    app[HEALTH] = HealthMonitor(app[CLIENT], config.health_check_interval)
     app[METRICS] = Metrics()
     app[STARTED] = time.time()
     app[DRAINING] = asyncio.Event()
@@ -51,7 +53,9 @@ def create_metrics_app(main: web.Application) -> web.Application:
 async def _engine_client(app: web.Application) -> AsyncIterator[None]:
     client = app[CLIENT]
     await client.start()
+    await app[HEALTH].start()
     yield
+    await app[HEALTH].close()
     await client.close()
 
 
@@ -90,8 +94,11 @@ async def _serve(config: Phi3MiniConfig) -> int:
     try:
         await stop.wait()
         sd_notify.notify("STOPPING=1")
-        log.info("gateway draining", drain_timeout_s=DRAIN_TIMEOUT_S)
-        app[DRAINING].set()
+        log.info("gateway draining", drain_timeout_s=DRAIN_TIMEOUT_S, in_flight=app[CLIENT].pending)
+        app[DRAINING].set()  # new requests get 503 and /health says draining, while…
+        deadline = loop.time() + DRAIN_TIMEOUT_S
+        while app[CLIENT].pending and loop.time() < deadline:  # …those in flight finish
+            await asyncio.sleep(0.05)
     finally:
         ready.cancel()
         await asyncio.gather(ready, return_exceptions=True)

@@ -99,6 +99,11 @@ class EngineClient:
         self._fail_all(EngineUnavailable("gateway shutting down"))
 
     @property
+    def pending(self) -> int:
+        """Requests waiting for the engine."""
+        return len(self._sinks)
+
+    @property
     def ready(self) -> bool:
         return self.info is not None
 
@@ -137,6 +142,15 @@ class EngineClient:
             self.info = None
             self._ready.clear()
         self._fail_all(EngineUnavailable("the engine worker went away"))
+
+    def fail_in_flight(self, exc: Exception) -> None:
+        """Answer every waiting request with `exc` and abort it in the engine."""
+        rids = list(self._sinks)
+        self._fail_all(exc)
+        conn = self._conn
+        if conn is not None:
+            for rid in rids:
+                conn.send(p.Abort(rid))
 
     def _fail_all(self, exc: Exception) -> None:
         sinks, self._sinks = self._sinks, {}
@@ -228,7 +242,8 @@ class EngineClient:
         except TimeoutError:
             raise DeadlineExceeded(f"no answer within {timeout_s:g} s") from None
         finally:
-            self._abort([rid for rid, fut in zip(rids, futures) if not fut.done()])
+            # a cancelled wait cancels its future too: those requests still run in the engine
+            self._abort([rid for rid, fut in zip(rids, futures) if not fut.done() or fut.cancelled()])
             for fut in futures:  # gather leaves sibling failures unretrieved
                 if fut.done() and not fut.cancelled():
                     fut.exception()

@@ -9,7 +9,7 @@ from aiohttp import web
 from service.gateway import schemas as s
 from service.gateway.common import ENGINE_ERRORS, check_model, decode_body, encode, engine_error
 from service.gateway.errors import ApiError
-from service.gateway.keys import CLIENT, CONFIG, DRAINING, STARTED
+from service.gateway.keys import CLIENT, CONFIG, DRAINING, HEALTH, STARTED
 from shared import protocol as p
 
 TOKENIZE_TIMEOUT_S = 10.0
@@ -49,8 +49,10 @@ async def health(request: web.Request) -> web.Response:
     client = request.app[CLIENT]
     if request.app[DRAINING].is_set():
         status = "draining"
-    elif client.ready:
+    elif request.app[HEALTH].healthy:
         status = "healthy"
+    elif request.app[HEALTH].stalled:
+        status = "stalled"
     else:
         status = "unavailable" if client.ever_connected else "loading"
     body = s.Health(status, config.served_model_name, config.max_model_len, config.efficiency_mode,  # type: ignore[arg-type]

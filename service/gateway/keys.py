@@ -7,12 +7,14 @@ import asyncio
 from aiohttp import web
 
 from service.gateway.engine_client import EngineClient
+from service.gateway.health import HealthMonitor
 from service.gateway.metrics import Metrics, RequestRecord
 from shared.config import Phi3MiniConfig
 
 CONFIG = web.AppKey("config", Phi3MiniConfig)
 CLIENT = web.AppKey("engine_client", EngineClient)
 METRICS = web.AppKey("metrics", Metrics)
+HEALTH = web.AppKey("health", HealthMonitor)
 STARTED = web.AppKey("started", float)  # unix time the gateway started
 DRAINING = web.AppKey("draining", asyncio.Event)  # set on SIGTERM: new work gets 503
 
@@ -20,4 +22,4 @@ DRAINING = web.AppKey("draining", asyncio.Event)  # set on SIGTERM: new work get
 REQUEST_ID = "citadel.request_id"
 RECORD = "citadel.record"  # a RequestRecord, set by generation handlers
 
-__all__ = ["CLIENT", "CONFIG", "DRAINING", "METRICS", "RECORD", "REQUEST_ID", "STARTED", "RequestRecord"]
+__all__ = ["CLIENT", "CONFIG", "DRAINING", "HEALTH", "METRICS", "RECORD", "REQUEST_ID", "STARTED", "RequestRecord"]

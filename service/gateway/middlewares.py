@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -15,6 +16,7 @@ from shared.logging import get_logger
 log = get_logger("citadel.request")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+CLIENT_CLOSED = 499  # nginx's status for a request whose client closed the connection
 _QUIET_ROUTES = frozenset({"/health", "/metrics"})  # polled often: counted, not logged
 
 
@@ -30,6 +32,9 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         response = await _handle(request, handler, request_id)
         status = response.status
         return response
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED  # the client went away; its request was aborted in the engine
+        raise
     finally:
         metrics.in_flight.dec({})
         elapsed = time.perf_counter() - started

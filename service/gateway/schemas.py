@@ -185,7 +185,7 @@ class ModelList(msgspec.Struct):
 
 
 class Health(msgspec.Struct):
-    status: Literal["healthy", "loading", "unavailable", "draining"]
+    status: Literal["healthy", "loading", "unavailable", "stalled", "draining"]
     model: str
     context_length: int
     efficiency_mode: bool

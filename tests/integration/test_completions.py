@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 
@@ -244,3 +245,36 @@ async def test_unknown_route_is_openai_json(base_url: str) -> None:
 async def test_engine_still_serves_after_bad_input(base_url: str) -> None:
     status, body, _ = await post(base_url, {"prompt": PROMPT, "max_tokens": 2})
     assert status == 200, body
+
+
+@pytest.mark.parametrize("when", ["before the first token", "mid-stream", "non-streaming"])
+async def test_client_disconnect_aborts_in_the_engine(service, when: str) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from tests.integration.test_processes import engine_running
+
+    body = {"prompt": "a long answer", "max_tokens": 1900, "ignore_eos": True, "stream": when != "non-streaming"}
+    first_line = asyncio.Event()
+
+    async def client() -> None:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(service.base_url + "/v1/completions", json=body) as resp:
+                if when == "mid-stream":
+                    await resp.content.readline()
+                    first_line.set()
+                await resp.read()
+
+    task = asyncio.create_task(client())
+    if when == "mid-stream":
+        await asyncio.wait_for(first_line.wait(), 10)
+    await asyncio.sleep(0.3 if when != "before the first token" else 0.05)
+    if when != "before the first token":
+        assert await asyncio.to_thread(engine_running, service) >= 1
+    task.cancel()  # the client goes away: its connection closes
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 1.0
+    while await asyncio.to_thread(engine_running, service) != 0:
+        assert loop.time() < deadline, "the engine still runs the abandoned request after 1 s"
+        await asyncio.sleep(0.05)

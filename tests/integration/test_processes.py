@@ -23,7 +23,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def own_service() -> Iterator[ServiceProcess]:
-    svc = ServiceProcess().start()
+    # a fast health probe and a short deadline, so that stalls and deadlines show in seconds
+    svc = ServiceProcess(health_check_interval="1", request_timeout_s="4").start()
     try:
         svc.wait_healthy()
         yield svc
@@ -93,10 +94,67 @@ def test_orchestrator_killed_is_restarted_without_disturbing_serving(own_service
              and own_service.children()["orchestrator"].pid != orchestrator.pid, 20, "a new orchestrator")
 
 
-def test_sigterm_stops_everything_cleanly(own_service: ServiceProcess) -> None:
+def post(svc: ServiceProcess, body: dict, timeout_s: float = 30) -> tuple[int, dict]:
+    req = urllib.request.Request(svc.base_url + "/v1/completions", method="POST", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def engine_running(svc: ServiceProcess) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith("phi3_mini_requests_running "))
+
+
+def test_deadline_gives_504_and_aborts_in_the_engine(own_service: ServiceProcess) -> None:
+    started = time.monotonic()
+    status, body = post(own_service, {"prompt": "long", "max_tokens": 2000, "ignore_eos": True})
+    elapsed = time.monotonic() - started
+    assert status == 504, body
+    assert body["error"]["code"] == "timeout"
+    assert 3.5 < elapsed < 8
+    wait_for(lambda: engine_running(own_service) == 0, 2, "the engine to drop the request")
+
+
+def test_stalled_engine_turns_health_503_and_recovers(own_service: ServiceProcess) -> None:
+    own_service.wait_healthy(30)
+    engine = own_service.children()["engine"]
+    engine.suspend()  # SIGSTOP
+    try:
+        stopped_at = time.monotonic()
+        wait_for(lambda: health_status(own_service) == (503, "stalled"), 6, "/health to say stalled")
+        assert time.monotonic() - stopped_at < 2 * 1 + 5  # two health-check intervals plus the probe timeout
+        started = time.monotonic()
+        status, body = post(own_service, {"prompt": "x", "max_tokens": 2})
+        assert status == 503 and time.monotonic() - started < 1.0, body
+    finally:
+        engine.resume()  # SIGCONT
+    wait_for(lambda: health_status(own_service) == (200, "healthy"), 10, "/health to recover")
+    assert post(own_service, {"prompt": "x", "max_tokens": 2})[0] == 200
+
+
+def test_sigterm_drains_then_stops_everything_cleanly(own_service: ServiceProcess) -> None:
+    import threading
+
     tree = own_service.tree()
     assert len(tree) >= 5  # serve, engine, EngineCore, gateway, orchestrator
+    result: dict = {}
+    in_flight = threading.Thread(target=lambda: result.update(
+        zip(("status", "body"), post(own_service, {"prompt": "drain me", "max_tokens": 600, "ignore_eos": True}))))
+    in_flight.start()
+    time.sleep(0.3)
     started = time.monotonic()
+    assert own_service.proc is not None
+    own_service.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: health_status(own_service) == (503, "draining"), 5, "/health to say draining")
+    refused, body = post(own_service, {"prompt": "late", "max_tokens": 2})
+    assert refused == 503 and body["error"]["code"] == "draining"
+    in_flight.join(30)
+    assert result["status"] == 200 and result["body"]["usage"]["completion_tokens"] == 600  # finished, not cut
     code = own_service.stop(timeout_s=60)
     assert code == 0
     assert time.monotonic() - started < 60

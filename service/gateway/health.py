@@ -1,6 +1,7 @@
 """Is the engine making progress? A probe every health_check_interval seconds: the worker must
-answer, and either produce tokens for the requests it holds or, when idle, generate one token
-for the probe itself. /health reports the result; a stalled engine gets no new requests."""
+answer, and either make engine steps for the requests it holds or, when idle, generate one
+token for the probe itself. Two failed probes in a row mark the engine stalled: /health says
+so, waiting requests get 503, and new ones are refused until a probe succeeds again."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ PROBE_PROMPT = [1, 2, 3]  # token ids: no tokenizing, valid in any vocabulary of
 PROBE_PARAMS = p.SamplingSpec(max_tokens=1, ignore_eos=True)
 
 
+
 class HealthMonitor:
     def __init__(self, client: EngineClient, interval_s: float) -> None:
         self.client = client
         self.interval_s = interval_s
-        self.timeout_s = max(1.0, min(interval_s, 5.0))
+        self.timeout_s = min(max(interval_s / 2, 0.5), 5.0)
         self.stalled = False  # the engine answered before but stopped making progress
         self._task: asyncio.Task[None] | None = None
 
@@ -61,9 +63,16 @@ class HealthMonitor:
                 self.stalled = False
                 continue
             problem = await self.probe()
-            if problem and not self.stalled:
+            if problem is not None:
+                # One slow probe can be a busy host; a second one right after is a stalled
+                # engine. Both fit in one interval, so a stall shows within two intervals.
+                log.warning("engine probe failed; probing again", reason=problem)
+                problem = await self.probe()
+            if problem is None:
+                if self.stalled:
+                    log.info("engine making progress again")
+                self.stalled = False
+            elif not self.stalled:
                 log.error("engine stalled", reason=problem)
+                self.stalled = True
                 self.client.fail_in_flight(EngineUnavailable(f"engine stalled: {problem}"))
-            elif not problem and self.stalled:
-                log.info("engine making progress again")
-            self.stalled = problem is not None

@@ -38,6 +38,7 @@ class Phi3MiniConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     runtime_dir: str = ""  # folder for the Unix sockets; "" = $RUNTIME_DIRECTORY or a private tmp dir
     request_timeout_s: PositiveFloat = 300.0  # deadline of one request, end to end
     max_body_bytes: Positive = 1 << 20  # request bodies above this get 413
+    api_key: str = ""  # when set, every route but /health needs "Authorization: Bearer <api_key>"
     # -- model
     model_path: str = "/opt/models/microsoft-Phi-3-mini-4k-instruct"
     model_name: str = "microsoft/Phi-3-mini-4k-instruct"
@@ -95,7 +96,7 @@ class ConfigError(ValueError):
 
 # Which YAML section each setting lives in: the spec's file layout.
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "service": ("host", "port", "runtime_dir", "request_timeout_s", "max_body_bytes"),
+    "service": ("host", "port", "runtime_dir", "request_timeout_s", "max_body_bytes", "api_key"),
     "model": (
         "model_path", "model_name", "served_model_name", "demo_model_dir", "max_model_len",
         "tensor_parallel_size", "gpu_memory_utilization", "dtype", "seed",
@@ -201,4 +202,6 @@ _FIELD_TYPES: dict[str, Any] = typing.get_type_hints(Phi3MiniConfig, include_ext
 def to_sections(config: Phi3MiniConfig) -> dict[str, dict[str, Any]]:
     """The configuration as the YAML file lays it out (for `config show`)."""
     data = msgspec.to_builtins(config)
+    if data["api_key"]:
+        data["api_key"] = "********"  # never print the secret
     return {section: {k: data[k] for k in names} for section, names in SECTIONS.items()}

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import socket
+import struct
 import time
 from typing import Any
 
@@ -276,6 +279,15 @@ def _logprobs(completion: Any, k: int | None) -> list[p.TokenLogprob]:
     return result
 
 
+def _peer_uid(transport: asyncio.BaseTransport) -> int | None:
+    """The connecting process's uid (SO_PEERCRED), where the platform tells it."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
+
+
 def _child_pids() -> list[int]:
     import psutil
 
@@ -294,6 +306,14 @@ class EngineConnection(FrameConnection[p.GatewayMessage]):
         self.conn_id = conn_id
         self.greeted = False
         self.requests: dict[int, asyncio.Task[None]] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        uid = _peer_uid(transport)
+        if uid is not None and uid not in (os.getuid(), 0):
+            # the socket is 0600 already; this also holds if its folder is ever shared
+            log.warning("refusing a peer of another user", conn=self.conn_id, peer_uid=uid)
+            transport.close()
 
     def on_message(self, msg: p.GatewayMessage) -> None:
         match msg:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hmac
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -44,6 +45,9 @@ def create_metrics_app(main: web.Application) -> web.Application:
     app = web.Application()
 
     async def metrics(request: web.Request) -> web.Response:
+        key = main[CONFIG].api_key
+        if key and not hmac.compare_digest(request.headers.get("Authorization", "").encode(), f"Bearer {key}".encode()):
+            return web.Response(status=401, text="missing or invalid API key\n", headers={"WWW-Authenticate": "Bearer"})
         return await main[METRICS].handle(request, main[CLIENT])
 
     app.router.add_get("/metrics", metrics)

@@ -9,7 +9,7 @@ from aiohttp import web
 
 
 REQUEST_ID_HEADER = "X-Request-Id"
-_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
           413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error",
           504: "timeout_error"}
 _PATH = re.compile(r"at `\$\.?([^`]*)`")

@@ -18,8 +18,8 @@ HEALTH = web.AppKey("health", HealthMonitor)
 STARTED = web.AppKey("started", float)  # unix time the gateway started
 DRAINING = web.AppKey("draining", asyncio.Event)  # set on SIGTERM: new work gets 503
 
-# per-request state (aiohttp requests are plain mappings)
-REQUEST_ID = "citadel.request_id"
-RECORD = "citadel.record"  # a RequestRecord, set by generation handlers
+# per-request state
+REQUEST_ID = web.RequestKey("request_id", str)
+RECORD = web.RequestKey("record", RequestRecord)  # set by generation handlers
 
 __all__ = ["CLIENT", "CONFIG", "DRAINING", "HEALTH", "METRICS", "RECORD", "REQUEST_ID", "STARTED", "RequestRecord"]

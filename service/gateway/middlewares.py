@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -51,8 +52,21 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             log.info("request", **fields)
 
 
+def _check_api_key(request: web.Request) -> None:
+    """Deny by default when a key is configured: every route but /health needs it."""
+    key = request.app[CONFIG].api_key
+    if not key or request.path == "/health":
+        return
+    given = request.headers.get("Authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise ApiError(401, "Missing or invalid API key: send Authorization: Bearer <key>",
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
 async def _handle(request: web.Request, handler: Handler, request_id: str) -> web.StreamResponse:
     try:
+        _check_api_key(request)
         response = await handler(request)
     except ApiError as err:
         if err.code in ("engine_unavailable", "draining", "timeout"):

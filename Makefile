@@ -25,12 +25,16 @@ $(DEMO_MODEL)/config.json: | $(VENV)/.installed
 demo-model: $(DEMO_MODEL)/config.json
 
 # Debian tools the tests drive: ab (apache2-utils) for load, promtool (prometheus) for /metrics,
-# systemd-analyze (systemd) for the units.
+# systemd-analyze (systemd) for the units. Only what is missing is installed.
 tools:
-	@if ! command -v ab >/dev/null || ! command -v promtool >/dev/null || ! command -v systemd-analyze >/dev/null; then \
+	@missing=""; \
+	command -v ab >/dev/null || missing="$$missing apache2-utils"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -qq --no-install-recommends apache2-utils prometheus systemd >/dev/null; \
-	  else echo "install apache2-utils, prometheus and systemd for the load, metrics and unit tests"; fi; \
+	    apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "please install:$$missing (for the load, metrics and unit tests)"; fi; \
 	fi
 
 serve: install demo-model
@@ -45,6 +49,7 @@ test-unit: install
 bench: install demo-model tools
 	$(PY) -m pip install -q -e '.[cpu,test,bench]'
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(PY) benchmarks/ab_compare.py --rounds 3
 	$(PY) benchmarks/compare.py --rounds 3
 	$(PY) benchmarks/spec_checks.py
 

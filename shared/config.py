@@ -38,6 +38,7 @@ class Phi3MiniConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     runtime_dir: str = ""  # folder for the Unix sockets; "" = $RUNTIME_DIRECTORY or a private tmp dir
     request_timeout_s: PositiveFloat = 300.0  # deadline of one request, end to end
     max_body_bytes: Positive = 1 << 20  # request bodies above this get 413
+    max_queue: Positive = 256  # requests waiting for the engine at once; beyond them, 429 at once
     api_key: str = ""  # when set, every route but /health needs "Authorization: Bearer <api_key>"
     # -- model
     model_path: str = "/opt/models/microsoft-Phi-3-mini-4k-instruct"
@@ -96,7 +97,7 @@ class ConfigError(ValueError):
 
 # Which YAML section each setting lives in: the spec's file layout.
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "service": ("host", "port", "runtime_dir", "request_timeout_s", "max_body_bytes", "api_key"),
+    "service": ("host", "port", "runtime_dir", "request_timeout_s", "max_body_bytes", "max_queue", "api_key"),
     "model": (
         "model_path", "model_name", "served_model_name", "demo_model_dir", "max_model_len",
         "tensor_parallel_size", "gpu_memory_utilization", "dtype", "seed",

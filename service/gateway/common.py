@@ -12,7 +12,7 @@ from aiohttp import web
 from service.gateway import schemas as s
 from service.gateway.engine_client import DeadlineExceeded, EngineUnavailable, RequestFailed
 from service.gateway.errors import ApiError, error_body, from_validation
-from service.gateway.keys import CONFIG, DRAINING, HEALTH
+from service.gateway.keys import CLIENT, CONFIG, DRAINING, HEALTH
 from service.gateway.metrics import RequestRecord
 from shared import protocol as p
 
@@ -32,6 +32,10 @@ async def decode_body(request: web.Request, kind: type[T]) -> T:
     """The JSON body as `kind`; 503 while draining, 400 naming the field when it is wrong."""
     if request.app[DRAINING].is_set():
         raise ApiError(503, "The service is shutting down", code="draining", headers={"Retry-After": "5"})
+    if request.app[CLIENT].pending >= request.app[CONFIG].max_queue:
+        # Refused before the body is read or anything is tokenized: the cheapest answer.
+        raise ApiError(429, f"Too many requests waiting for the engine (max_queue={request.app[CONFIG].max_queue}); "
+                            "retry later", code="overloaded", headers={"Retry-After": "1"})
     if request.app[HEALTH].stalled:
         raise ApiError(503, "The engine has stalled; it is being watched and restarted",
                        code="engine_unavailable", headers={"Retry-After": "5"})

@@ -72,7 +72,7 @@ class Metrics:
         self._restarts_seen = 0
         self._last_tokens = 0
         self.in_flight.set({}, 0)
-        for reason in ("engine_unavailable", "draining", "deadline"):
+        for reason in ("engine_unavailable", "draining", "deadline", "overloaded"):
             self.refused.add({"reason": reason}, 0)
 
     # ---------------------------------------------------------------- per request

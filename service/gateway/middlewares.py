@@ -69,7 +69,7 @@ async def _handle(request: web.Request, handler: Handler, request_id: str) -> we
         _check_api_key(request)
         response = await handler(request)
     except ApiError as err:
-        if err.code in ("engine_unavailable", "draining", "timeout"):
+        if err.code in ("engine_unavailable", "draining", "timeout", "overloaded"):
             reason = "deadline" if err.code == "timeout" else err.code
             request.app[METRICS].refused.inc({"reason": reason})
         return error_response(err, request_id)

@@ -43,7 +43,7 @@ ROUTES: tuple[Route, ...] = (
 )
 
 ERROR_STATUSES = {"400": "Bad input (names the field)", "404": "Unknown model or route",
-                  "413": "Body too large", "503": "Engine unavailable or draining", "504": "Deadline passed"}
+                  "413": "Body too large", "429": "Too many requests waiting (Retry-After)", "503": "Engine unavailable or draining", "504": "Deadline passed"}
 
 
 def add_routes(app: web.Application) -> None:

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def own_service() -> Iterator[ServiceProcess]:
     # a fast health probe and a short deadline, so that stalls and deadlines show in seconds
-    svc = ServiceProcess(health_check_interval="1", request_timeout_s="3").start()
+    svc = ServiceProcess(health_check_interval="1", request_timeout_s="3", max_queue="64").start()
     try:
         svc.wait_healthy()
         yield svc
@@ -60,6 +60,55 @@ def wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no
 def test_each_role_shows_in_its_command_line(own_service: ServiceProcess) -> None:
     roles = own_service.children()
     assert set(roles) == {"engine", "gateway", "orchestrator"}
+
+
+def _stream_outcome(svc: ServiceProcess) -> tuple[str, float]:
+    """Stream a long completion; how it ended ("error" event, "done", "cut") and when."""
+    req = urllib.request.Request(svc.base_url + "/v1/completions", method="POST", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"prompt": "s", "max_tokens": 1500, "ignore_eos": True,
+                                                  "stream": True}).encode())
+    saw_error = False
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            for raw in resp:
+                line = raw.decode().strip()
+                if line.startswith("data: {") and '"error"' in line:
+                    saw_error = True
+                if line == "data: [DONE]":
+                    return ("error" if saw_error else "done"), time.monotonic()
+    except urllib.error.HTTPError as exc:  # failed before its first event: a plain JSON error
+        return str(exc.code), time.monotonic()
+    except OSError:
+        pass
+    return "cut", time.monotonic()
+
+
+def test_engine_killed_with_50_in_flight_answers_all(own_service: ServiceProcess) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    own_service.wait_healthy(30)
+
+    def one(i: int) -> tuple[str, float]:
+        if i % 3 == 0:
+            return _stream_outcome(own_service)
+        status, _ = post(own_service, {"prompt": "x", "max_tokens": 1500, "ignore_eos": True})
+        return str(status), time.monotonic()
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        futures = [pool.submit(one, i) for i in range(50)]
+        time.sleep(1.0)
+        engine = own_service.children()["engine"]
+        killed_at = time.monotonic()
+        engine.send_signal(signal.SIGKILL)
+        outcomes = [f.result(timeout=30) for f in futures]
+    non_streaming = [o for i, o in enumerate(outcomes) if i % 3]
+    streams = [o for i, o in enumerate(outcomes) if i % 3 == 0]
+    assert all(status == "503" and at - killed_at < 2.0 for status, at in non_streaming), non_streaming
+    # a stream that had begun ends with an error event and [DONE]; one that had not gets a 503
+    assert all(how in ("error", "503") for how, _ in streams), streams
+    assert any(how == "error" for how, _ in streams), streams
+    wait_for(lambda: health_status(own_service)[0] == 503, 5, "/health to say 503")
+    own_service.wait_healthy(240)
 
 
 def test_engine_killed_is_restarted_and_served_again(own_service: ServiceProcess) -> None:
@@ -118,6 +167,25 @@ def test_deadline_gives_504_and_aborts_in_the_engine(own_service: ServiceProcess
     assert body["error"]["code"] == "timeout"
     assert 2.5 < elapsed < 7
     wait_for(lambda: engine_running(own_service) == 0, 2, "the engine to drop the request")
+
+
+def test_overload_is_refused_at_once_with_429(own_service: ServiceProcess) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def timed(_: int) -> tuple[int, float, dict]:
+        started = time.monotonic()
+        status, body = post(own_service, {"prompt": "busy", "max_tokens": 60, "ignore_eos": True})
+        return status, time.monotonic() - started, body
+
+    with ThreadPoolExecutor(max_workers=100) as pool:
+        results = list(pool.map(timed, range(100)))
+    statuses = [status for status, _, _ in results]
+    assert statuses.count(200) >= 30  # the queue's worth is served…
+    refused = [(elapsed, body) for status, elapsed, body in results if status == 429]
+    assert refused, statuses  # …and the rest refused, none lost
+    assert set(statuses) <= {200, 429}
+    assert all(body["error"]["code"] == "overloaded" for _, body in refused)
+    assert sorted(elapsed for elapsed, _ in refused)[len(refused) // 2] < 0.05  # median refusal under 50 ms
 
 
 def test_stalled_engine_turns_health_503_and_recovers(own_service: ServiceProcess) -> None:

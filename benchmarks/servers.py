@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
 from service.engine.settings import kv_cache_bytes  # noqa: E402
@@ -28,6 +29,7 @@ class Server:
     def __init__(self, name: str, url: str, proc: subprocess.Popen[bytes], stop: object) -> None:
         self.name, self.url, self.proc, self._stop = name, url, proc, stop
         self.ready_s = 0.0
+        self.metrics_url = ""  # where the system serves Prometheus metrics, if it is known
         self.peak_rss_mb = 0.0
         self._sampling = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -93,7 +95,9 @@ def start_citadel(config: Phi3MiniConfig) -> Server:
                          max_num_batched_tokens=str(config.max_num_batched_tokens), log_level="WARNING")
     svc.start()
     assert svc.proc is not None
-    return Server("citadel", svc.base_url, svc.proc, svc.stop)
+    server = Server("citadel", svc.base_url, svc.proc, svc.stop)
+    server.metrics_url = f"http://127.0.0.1:{svc.metrics_port}/metrics"
+    return server
 
 
 def start_vllm(config: Phi3MiniConfig, log_path: Path) -> Server:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 import time
 import urllib.request
 from pathlib import Path
@@ -34,32 +35,18 @@ class Server:
         self._sampling = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def tree_rss_mb(self) -> float:
-        total = 0
+    def _tree(self) -> list[psutil.Process]:
         try:
             root = psutil.Process(self.proc.pid)
-            for proc in [root, *root.children(recursive=True)]:
-                try:
-                    total += proc.memory_info().rss
-                except psutil.Error:
-                    pass
+            return [root, *root.children(recursive=True)]
         except psutil.Error:
-            return 0.0
-        return total / 2**20
+            return []
+
+    def tree_rss_mb(self) -> float:
+        return sum(_safe(lambda p: p.memory_info().rss, proc) for proc in self._tree()) / 2**20
 
     def tree_cpu_s(self) -> float:
-        total = 0.0
-        try:
-            root = psutil.Process(self.proc.pid)
-            for proc in [root, *root.children(recursive=True)]:
-                try:
-                    times = proc.cpu_times()
-                    total += times.user + times.system
-                except psutil.Error:
-                    pass
-        except psutil.Error:
-            pass
-        return total
+        return sum(_safe(lambda p: sum(p.cpu_times()[:2]), proc) for proc in self._tree())
 
     def _sample(self) -> None:
         while not self._sampling.wait(0.25):
@@ -84,6 +71,13 @@ class Server:
     def stop(self) -> None:
         self._sampling.set()
         self._stop()  # type: ignore[operator]
+
+
+def _safe(measure: Callable[[psutil.Process], float], proc: psutil.Process) -> float:
+    try:
+        return measure(proc)
+    except psutil.Error:  # exited between listing and measuring
+        return 0.0
 
 
 def engine_config() -> Phi3MiniConfig:

@@ -72,6 +72,7 @@ class Metrics:
         self._restarts_seen = 0
         self._last_tokens = 0
         self.in_flight.set({}, 0)
+        self.restarts.add({}, 0)  # present from the first scrape on
         for reason in ("engine_unavailable", "draining", "deadline", "overloaded"):
             self.refused.add({"reason": reason}, 0)
 
@@ -98,8 +99,6 @@ class Metrics:
         if new_restarts > 0:
             self.restarts.add({}, new_restarts)
             self._restarts_seen = client.engine_restarts
-        else:
-            self.restarts.add({}, 0)
         stats: p.EngineStats | None = None
         if client.info is not None:
             self.load_seconds.set({}, client.info.load_seconds)
@@ -128,8 +127,8 @@ class Metrics:
         for role, pids in roles.items():
             rss = cpu = 0.0
             for pid in pids:
-                proc = self._procs.get(pid) or self._procs.setdefault(pid, psutil.Process(pid))
                 try:
+                    proc = self._procs.get(pid) or self._procs.setdefault(pid, psutil.Process(pid))
                     with proc.oneshot():
                         rss += proc.memory_info().rss
                         times = proc.cpu_times()

@@ -27,7 +27,8 @@ def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
     sock.close()
 
 
-def received(sock: socket.socket, timeout_s: float) -> list[str]:
+def received(sock: socket.socket, timeout_s: float, until: str | None = None) -> list[str]:
+    """Datagrams for timeout_s seconds, or until one contains `until`."""
     messages: list[str] = []
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -35,20 +36,15 @@ def received(sock: socket.socket, timeout_s: float) -> list[str]:
             messages.append(sock.recv(4096).decode())
         except TimeoutError:
             continue
+        if until is not None and until in messages[-1]:
+            return messages
     return messages
 
 
 def wait_for_message(sock: socket.socket, needle: str, timeout_s: float) -> list[str]:
-    messages: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            messages.append(sock.recv(4096).decode())
-        except TimeoutError:
-            continue
-        if any(needle in m for m in messages):
-            return messages
-    raise AssertionError(f"{needle!r} not received; got {messages}")
+    messages = received(sock, timeout_s, until=needle)
+    assert any(needle in m for m in messages), f"{needle!r} not received; got {messages}"
+    return messages
 
 
 def test_notify_sends_a_datagram(notify_socket: tuple[socket.socket, str]) -> None:

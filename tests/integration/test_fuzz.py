@@ -141,34 +141,24 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                                        HealthCheck.data_too_large, HealthCheck.filter_too_much])
 
 
-def test_fuzz_completions(checker: Checker) -> None:
+@pytest.mark.parametrize(("path", "hostile", "valid", "required"), [
+    ("/v1/completions", completion_fields, valid_completion, "prompt"),
+    ("/v1/chat/completions", chat_fields, valid_chat, "messages"),
+], ids=["completions", "chat"])
+def test_fuzz_route(checker: Checker, path: str, hostile: dict[str, Any], valid: dict[str, Any],
+                    required: str) -> None:
     before = checker.sent
 
     @FUZZ
-    @given(bodies(completion_fields, valid_completion, "prompt"))
+    @given(bodies(hostile, valid, required))
     def run(body: Any) -> None:
-        checker.post("/v1/completions", body)
+        checker.post(path, body)
 
     checker.statuses.clear()
     run()
     assert checker.sent - before >= 500
-    print("completions statuses", checker.statuses)
+    print(path, "statuses", checker.statuses)
     assert checker.statuses.get(200, 0) >= 25  # the generator reaches the engine, not only the validator
-
-
-def test_fuzz_chat_completions(checker: Checker) -> None:
-    before = checker.sent
-
-    @FUZZ
-    @given(bodies(chat_fields, valid_chat, "messages"))
-    def run(body: Any) -> None:
-        checker.post("/v1/chat/completions", body)
-
-    checker.statuses.clear()
-    run()
-    assert checker.sent - before >= 500
-    print("chat statuses", checker.statuses)
-    assert checker.statuses.get(200, 0) >= 25
 
 
 def test_engine_healthy_after_fuzzing(checker: Checker, service: ServiceProcess) -> None:

@@ -39,6 +39,7 @@ class Phi3MiniConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     request_timeout_s: PositiveFloat = 300.0  # deadline of one request, end to end
     max_body_bytes: Positive = 1 << 20  # request bodies above this get 413
     max_queue: Positive = 256  # requests waiting for the engine at once; beyond them, 429 at once
+    client_timeout_s: PositiveFloat = 15.0  # for a request's head, its body, and each streamed write to drain
     api_key: str = ""  # when set, every route but /health needs "Authorization: Bearer <api_key>"
     # -- model
     model_path: str = "/opt/models/microsoft-Phi-3-mini-4k-instruct"
@@ -85,6 +86,14 @@ class Phi3MiniConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def engine_socket_path(self) -> Path:
         return self.socket_dir() / "engine.sock"
 
+    def control_socket_path(self) -> Path:
+        """The engine worker's control socket: stats and limits, for the orchestrator."""
+        return self.socket_dir() / "control.sock"
+
+    def efficiency_report_path(self) -> Path:
+        """The orchestrator's last report, which the gateway shows on /efficiency."""
+        return self.socket_dir() / "efficiency.json"
+
 
 class ConfigError(ValueError):
     """A setting has a value it may not have; str() is the one-line reason."""
@@ -97,7 +106,8 @@ class ConfigError(ValueError):
 
 # Which YAML section each setting lives in: the spec's file layout.
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "service": ("host", "port", "runtime_dir", "request_timeout_s", "max_body_bytes", "max_queue", "api_key"),
+    "service": ("host", "port", "runtime_dir", "request_timeout_s", "client_timeout_s", "max_body_bytes",
+                "max_queue", "api_key"),
     "model": (
         "model_path", "model_name", "served_model_name", "demo_model_dir", "max_model_len",
         "tensor_parallel_size", "gpu_memory_utilization", "dtype", "seed",

@@ -17,6 +17,7 @@ from service.gateway.keys import CLIENT, CONFIG, DRAINING, HEALTH, METRICS, STAR
 from service.gateway.metrics import Metrics
 from service.gateway.middlewares import request_middleware
 from service.gateway.routes import add_routes
+from service.gateway.slow_clients import GatewayRunner
 from shared import sd_notify
 from shared.config import Phi3MiniConfig
 from shared.logging import get_logger
@@ -84,7 +85,7 @@ async def _serve(config: Phi3MiniConfig) -> int:
     app = create_app(config)
     gc.collect()
     gc.freeze()  # start-up objects live as long as the process: keep them out of collections
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+    runner = GatewayRunner(app, head_timeout_s=config.client_timeout_s, handler_cancellation=True, access_log=None,
                            keepalive_timeout=KEEPALIVE_TIMEOUT_S, shutdown_timeout=DRAIN_TIMEOUT_S)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_address=True)

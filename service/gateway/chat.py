@@ -14,6 +14,7 @@ from service.gateway.common import (ENGINE_ERRORS, check_model, decode_body, enc
 from service.gateway.errors import ApiError
 from service.gateway.keys import CLIENT, CONFIG, RECORD, REQUEST_ID
 from service.gateway.metrics import RequestRecord
+from service.gateway.slow_clients import EventStream
 from shared import protocol as p
 
 
@@ -65,7 +66,7 @@ async def _stream(request: web.Request, req: s.ChatCompletionRequest, model: str
     created = int(time.time())
     cid = f"chatcmpl-{request_id}"
     stream = request.app[CLIENT].stream([""], params, request_id, timeout_s, chat=chat)
-    response: web.StreamResponse | None = None
+    events: EventStream | None = None
     record = request[RECORD] = RequestRecord()
     finals: list[p.Output] = []
 
@@ -74,10 +75,10 @@ async def _stream(request: web.Request, req: s.ChatCompletionRequest, model: str
 
     try:
         async for _, out in stream:
-            if response is None:
-                response = await start_sse(request, request_id)
+            if events is None:
+                events = await start_sse(request, request_id)
                 # OpenAI's first chunk carries the role of every choice.
-                await response.write(chunk([s.ChatChunkChoice(i, s.ChatDelta(role="assistant", content=""))
+                await events.send(chunk([s.ChatChunkChoice(i, s.ChatDelta(role="assistant", content=""))
                                             for i in range(params.n)]))
             record.completion_tokens += sum(c.tokens for c in out.choices)
             record.prompt_tokens += out.prompt_tokens
@@ -86,11 +87,11 @@ async def _stream(request: web.Request, req: s.ChatCompletionRequest, model: str
             choices = [s.ChatChunkChoice(c.index, s.ChatDelta(content=c.text), _logprobs(c), finish(c.finish_reason))
                        for c in out.choices]
             if choices:
-                await response.write(chunk(choices))
+                await events.send(chunk(choices))
     except ENGINE_ERRORS as exc:
-        return await end_stream_with_error(response, exc)
+        return await end_stream_with_error(events, exc)
     finally:
         await stream.aclose()
-    assert response is not None
+    assert events is not None
     include_usage = req.stream_options is not None and req.stream_options.include_usage
-    return await end_stream(response, record, finals, (lambda usage: chunk([], usage)) if include_usage else None)
+    return await end_stream(events, record, finals, (lambda usage: chunk([], usage)) if include_usage else None)

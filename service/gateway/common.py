@@ -3,6 +3,7 @@ engine error mapping, and server-sent events."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -14,6 +15,7 @@ from service.gateway.engine_client import DeadlineExceeded, EngineUnavailable, R
 from service.gateway.errors import ApiError, error_body, from_validation
 from service.gateway.keys import CLIENT, CONFIG, DRAINING, HEALTH
 from service.gateway.metrics import RequestRecord
+from service.gateway.slow_clients import EventStream
 from shared import protocol as p
 
 T = TypeVar("T")
@@ -42,7 +44,13 @@ async def decode_body(request: web.Request, kind: type[T]) -> T:
     ctype = request.headers.get("Content-Type", "application/json")
     if not ctype.lower().startswith("application/json"):
         raise ApiError(400, f"Content-Type must be application/json, not {ctype!r}", code="invalid_content_type")
-    body = await request.read()  # bounded by client_max_size: 413 beyond it
+    timeout_s = request.app[CONFIG].client_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            body = await request.read()  # bounded by client_max_size: 413 beyond it
+    except TimeoutError:
+        raise ApiError(408, f"The request body did not arrive within {timeout_s:g} s",
+                       code="request_timeout") from None
     if not body:
         raise ApiError(400, "The request body is empty; a JSON object is expected")
     decoder = _decoders.get(kind) or _decoders.setdefault(kind, msgspec.json.Decoder(kind))
@@ -106,32 +114,32 @@ def request_record(outputs: list[p.Output], prompt_tokens: int, completion_token
     return rec
 
 
-async def start_sse(request: web.Request, request_id: str) -> web.StreamResponse:
+async def start_sse(request: web.Request, request_id: str) -> EventStream:
     response = web.StreamResponse(headers=SSE_HEADERS)
     response.headers["X-Request-Id"] = request_id
     await response.prepare(request)
-    return response
+    return EventStream(request, response, request.app[CONFIG].client_timeout_s)
 
 
-async def end_stream_with_error(response: web.StreamResponse | None, exc: Exception) -> web.StreamResponse:
+async def end_stream_with_error(events: EventStream | None, exc: Exception) -> web.StreamResponse:
     """Before the first event the error is a plain JSON response; after it, an error event
     and the end of the stream."""
     err = engine_error(exc)
-    if response is None:
+    if events is None:
         raise err from None
-    await response.write(sse(error_body(err.status, err.message, err.param, err.code)))
-    await response.write(SSE_DONE)
-    return response
+    await events.send(sse(error_body(err.status, err.message, err.param, err.code)))
+    await events.send(SSE_DONE)
+    return events.response
 
 
-async def end_stream(response: web.StreamResponse, record: RequestRecord, finals: list[p.Output],
+async def end_stream(events: EventStream, record: RequestRecord, finals: list[p.Output],
                      usage_event: Callable[[s.Usage], bytes] | None) -> web.StreamResponse:
     """Timing for the log line and metrics, the usage event if asked, then [DONE]."""
     full = request_record(finals, record.prompt_tokens, record.completion_tokens)
     record.ttft_s, record.itl_s = full.ttft_s, full.itl_s
     if usage_event is not None:
         total = record.prompt_tokens + record.completion_tokens
-        await response.write(usage_event(s.Usage(record.prompt_tokens, record.completion_tokens, total)))
-    await response.write(SSE_DONE)
-    await response.write_eof()
-    return response
+        await events.send(usage_event(s.Usage(record.prompt_tokens, record.completion_tokens, total)))
+    await events.send(SSE_DONE)
+    await events.close()
+    return events.response

@@ -13,6 +13,7 @@ from service.gateway.common import (ENGINE_ERRORS, check_model, decode_body, enc
 from service.gateway.errors import ApiError
 from service.gateway.keys import CLIENT, CONFIG, RECORD, REQUEST_ID
 from service.gateway.metrics import RequestRecord
+from service.gateway.slow_clients import EventStream
 from shared import protocol as p
 
 
@@ -80,14 +81,14 @@ async def _stream(request: web.Request, req: s.CompletionRequest, model: str, pr
     created = int(time.time())
     cid = f"cmpl-{request_id}"
     stream = request.app[CLIENT].stream(prompts, params, request_id, timeout_s, echo=req.echo)
-    response: web.StreamResponse | None = None
+    events: EventStream | None = None
     record = request[RECORD] = RequestRecord()
     finals: list[p.Output] = []
     offsets: dict[int, int] = {}
     try:
         async for index, out in stream:
-            if response is None:  # errors before the first token are still plain JSON errors
-                response = await start_sse(request, request_id)
+            if events is None:  # errors before the first token are still plain JSON errors
+                events = await start_sse(request, request_id)
             record.completion_tokens += sum(c.tokens for c in out.choices)
             record.prompt_tokens += out.prompt_tokens
             if out.finished:
@@ -99,15 +100,15 @@ async def _stream(request: web.Request, req: s.CompletionRequest, model: str, pr
                 offsets[k] = offsets.get(k, 0) + len(c.text)
             if choices:
                 chunk = s.Completion(id=cid, created=created, model=model, choices=choices)
-                await response.write(sse(encode(chunk)))
+                await events.send(sse(encode(chunk)))
     except ENGINE_ERRORS as exc:
-        return await end_stream_with_error(response, exc)
+        return await end_stream_with_error(events, exc)
     finally:
         await stream.aclose()
-    assert response is not None
+    assert events is not None
     include_usage = req.stream_options is not None and req.stream_options.include_usage
 
     def usage_event(usage: s.Usage) -> bytes:
         return sse(encode(s.Completion(id=cid, created=created, model=model, choices=[], usage=usage)))
 
-    return await end_stream(response, record, finals, usage_event if include_usage else None)
+    return await end_stream(events, record, finals, usage_event if include_usage else None)

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from service.gateway.errors import REQUEST_ID_HEADER, ApiError, error_response
 from service.gateway.keys import CONFIG, METRICS, RECORD, REQUEST_ID
+from service.gateway.slow_clients import ClientStalled
 from shared.logging import get_logger
 
 log = get_logger("citadel.request")
@@ -36,6 +37,10 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     except asyncio.CancelledError:
         status = CLIENT_CLOSED  # the client went away; its request was aborted in the engine
         raise
+    except ClientStalled as stalled:
+        status = CLIENT_CLOSED  # the client stopped reading; connection and request aborted
+        log.warning("client stopped reading; stream aborted", request_id=request_id)
+        return stalled.response  # aiohttp finds its connection closed and lets it go
     finally:
         metrics.in_flight.dec({})
         elapsed = time.perf_counter() - started
@@ -83,6 +88,8 @@ async def _handle(request: web.Request, handler: Handler, request_id: str) -> we
             413: f"Request body too large (limit {request.app[CONFIG].max_body_bytes} bytes)",
         }
         return error_response(ApiError(status, messages.get(status, exc.reason)), request_id)
+    except ClientStalled:
+        raise
     except Exception:
         log.exception("unhandled error", request_id=request_id, path=request.path)
         return error_response(ApiError(500, f"Internal server error (request id {request_id})"), request_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -19,12 +20,14 @@ import pytest
 from tests.helpers import ServiceProcess
 
 pytestmark = pytest.mark.integration
+REQUEST_TIMEOUT_S = 6  # long enough for a stream to fill the socket buffers of a client that stops reading
 
 
 @pytest.fixture(scope="module")
 def own_service() -> Iterator[ServiceProcess]:
-    # a fast health probe and a short deadline, so that stalls and deadlines show in seconds
-    svc = ServiceProcess(health_check_interval="1", request_timeout_s="3", max_queue="64").start()
+    # a fast health probe and short deadlines, so that stalls, deadlines and slow clients show in seconds
+    svc = ServiceProcess(health_check_interval="1", request_timeout_s=str(REQUEST_TIMEOUT_S), max_queue="64",
+                         client_timeout_s="1").start()
     try:
         svc.wait_healthy()
         yield svc
@@ -165,7 +168,7 @@ def test_deadline_gives_504_and_aborts_in_the_engine(own_service: ServiceProcess
     elapsed = time.monotonic() - started
     assert status == 504, body
     assert body["error"]["code"] == "timeout"
-    assert 2.5 < elapsed < 7
+    assert REQUEST_TIMEOUT_S - 0.5 < elapsed < REQUEST_TIMEOUT_S + 4
     wait_for(lambda: engine_running(own_service) == 0, 2, "the engine to drop the request")
 
 
@@ -203,6 +206,85 @@ def test_stalled_engine_turns_health_503_and_recovers(own_service: ServiceProces
         engine.resume()  # SIGCONT
     wait_for(lambda: health_status(own_service) == (200, "healthy"), 10, "/health to recover")
     assert post(own_service, {"prompt": "x", "max_tokens": 2})[0] == 200
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """True once the server has closed or reset the connection (never blocks)."""
+    try:
+        sock.sendall(b"X-Slow: 1\r\n")
+        return sock.recv(4096) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def _read_until_closed(sock: socket.socket, timeout_s: float) -> bool:
+    sock.settimeout(timeout_s)
+    try:
+        while sock.recv(1 << 20):
+            pass
+        return True
+    except TimeoutError:
+        return False
+    except OSError:  # reset
+        return True
+
+
+def test_trickled_headers_are_cut_off_without_holding_back_others(own_service: ServiceProcess) -> None:
+    socks = []
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", own_service.port), timeout=5)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        sock.setblocking(False)
+        socks.append(sock)
+    started = time.monotonic()
+    closed_at: dict[int, float] = {}
+    try:
+        began = time.monotonic()
+        served = complete(own_service)  # a well-behaved client meanwhile
+        assert served["choices"] and time.monotonic() - began < 1.0
+        while len(closed_at) < len(socks) and time.monotonic() - started < 10:  # a byte every 0.2 s each
+            for i, sock in enumerate(socks):
+                if i not in closed_at and _closed_by_server(sock):
+                    closed_at[i] = time.monotonic() - started
+            time.sleep(0.2)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert len(closed_at) == len(socks), f"{len(socks) - len(closed_at)} trickling connections still open"
+    assert all(0.8 < t < 3.0 for t in closed_at.values()), sorted(closed_at.values())  # client_timeout_s=1
+
+
+def test_trickled_body_gets_408(own_service: ServiceProcess) -> None:
+    with socket.create_connection(("127.0.0.1", own_service.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+        started = time.monotonic()
+        head = sock.recv(65536).decode(errors="replace")
+        assert time.monotonic() - started < 3.0
+    assert head.startswith("HTTP/1.1 408"), head
+    body = json.loads(head.split("\r\n\r\n", 1)[1])
+    assert body["error"]["code"] == "request_timeout"
+
+
+def test_stream_whose_client_stops_reading_is_aborted(own_service: ServiceProcess) -> None:
+    gateway = own_service.children()["gateway"]
+    rss_before = gateway.memory_info().rss
+    # ~1 MB/s of events (16 choices with 20 top logprobs each): the buffers fill in about 2 s
+    body = json.dumps({"prompt": "x", "stream": True, "n": 16, "max_tokens": 1500, "logprobs": 20,
+                       "ignore_eos": True}).encode()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a reader that takes nothing
+        sock.connect(("127.0.0.1", own_service.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_for(lambda: "client stopped reading" in own_service.log_path.read_text(), 8,
+                 "the gateway to abort the stalled stream")
+        wait_for(lambda: engine_running(own_service) == 0, 2, "the engine to drop the stalled request")
+        assert gateway.memory_info().rss - rss_before < 64 << 20
+        assert _read_until_closed(sock, 5)  # the connection is gone
+    assert complete(own_service)["choices"]
 
 
 def test_sigterm_drains_then_stops_everything_cleanly(own_service: ServiceProcess) -> None:

@@ -1,0 +1,115 @@
+"""Deadlines for slow clients, which aiohttp does not have on its own.
+
+- The request head (request line and headers) must arrive within `client_timeout_s` of its
+  first byte, or the connection is closed: a client trickling header bytes holds nothing.
+  Idle keep-alive connections are left to the keep-alive timeout.
+- Each write of a stream must drain within `client_timeout_s`: a client that stops reading
+  gets its connection aborted and its request aborted in the engine (`EventStream`).
+The body's deadline is in `common.decode_body`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class _HeadDeadlineHandler(RequestHandler):
+    """aiohttp's connection protocol, plus a timer from the first byte of a request head
+    to its last."""
+
+    def __init__(self, manager: web.Server, *, head_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._head_timeout_s = head_timeout_s
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        # Bytes that arrive while no request is parsed or being handled begin a head.
+        starts_head = self._head_timer is None and not self._request_in_progress and not self._messages
+        super().data_received(data)
+        if self._messages:  # a whole head has arrived
+            self._cancel_head_timer()
+        elif starts_head:
+            self._head_timer = self._loop.call_later(self._head_timeout_s, self._head_too_slow)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self._messages or self._request_in_progress or self.transport is None:
+            return
+        peer = self.transport.get_extra_info("peername")
+        log.warning("closed a connection whose request head did not arrive in time",
+                    peer=str(peer), client_timeout_s=self._head_timeout_s)
+        self.transport.abort()
+
+
+class _Server(web.Server):
+    def __init__(self, *args: Any, head_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_timeout_s = head_timeout_s
+
+    def __call__(self) -> RequestHandler:
+        return _HeadDeadlineHandler(self, loop=self._loop, head_timeout_s=self._head_timeout_s, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """`web.AppRunner` whose connections get the head deadline."""
+
+    def __init__(self, app: web.Application, *, head_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._head_timeout_s = head_timeout_s
+
+    async def _make_server(self) -> web.Server:
+        base = await super()._make_server()  # runs the app's start-up and freezes it
+        return _Server(base.request_handler, request_factory=base.request_factory,
+                       handler_cancellation=base.handler_cancellation, loop=asyncio.get_running_loop(),
+                       head_timeout_s=self._head_timeout_s, **base._kwargs)
+
+
+class ClientStalled(Exception):
+    """The client stopped reading a stream; its connection has been aborted."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("the client stopped reading")
+        self.response = response
+
+
+class EventStream:
+    """A prepared streaming response whose every write must drain within `stall_s`."""
+
+    __slots__ = ("request", "response", "stall_s")
+
+    def __init__(self, request: web.Request, response: web.StreamResponse, stall_s: float) -> None:
+        self.request, self.response, self.stall_s = request, response, stall_s
+
+    async def send(self, data: bytes) -> None:
+        await self._within_stall(self.response.write(data))
+
+    async def close(self) -> None:
+        await self._within_stall(self.response.write_eof())
+
+    async def _within_stall(self, write: Awaitable[None]) -> None:
+        try:
+            async with asyncio.timeout(self.stall_s):
+                await write
+        except TimeoutError:
+            transport = self.request.transport
+            if transport is not None:
+                transport.abort()  # close() would wait for the full buffer to drain
+            raise ClientStalled(self.response) from None

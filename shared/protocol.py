@@ -1,4 +1,6 @@
-"""Every message that crosses the gateway <-> engine worker boundary, and nothing else.
+"""Every message that crosses a process boundary, and nothing else: gateway <-> engine
+worker (data socket), orchestrator <-> engine worker (control socket), and the
+orchestrator's report that the gateway shows on /efficiency.
 
 Messages are msgspec Structs encoded as msgpack arrays (`array_like`), tagged so
 that each direction is one union decoded by one typed `Decoder`. Evolve the
@@ -11,7 +13,7 @@ import enum
 
 import msgspec
 
-PROTOCOL_VERSION = 3  # 2: GetStats/EngineStats; 3: chat, logprobs, echo, tokenize
+PROTOCOL_VERSION = 4  # 2: GetStats/EngineStats; 3: chat, logprobs, echo, tokenize; 4: admission, SetLimits
 
 
 class FinishReason(enum.IntEnum):
@@ -88,9 +90,19 @@ class Abort(_Msg, tag="abort"):
 
 class GetStats(_Msg, tag="getstats"):
     rid: int  # answered by an EngineStats with the same rid
+    window_s: float = 10.0  # latency percentiles over the requests finished this long ago or less
 
 
-GatewayMessage = Hello | Generate | Abort | GetStats | Tokenize | Detokenize
+class SetLimits(_Msg, tag="setlimits"):
+    """Control socket only: new admission limits, clamped to the ceilings; answered by LimitsSet."""
+
+    rid: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    reason: str = ""
+
+
+GatewayMessage = Hello | Generate | Abort | GetStats | Tokenize | Detokenize | SetLimits
 
 
 # ---------------------------------------------------------------- worker -> gateway
@@ -147,6 +159,7 @@ class Failure(_Msg, tag="fail"):
     message: str
     param: str | None = None  # the request field at fault, if any
     code: str | None = None
+    retry_after_s: float = 0.0  # 429: when to try again
 
 
 class EngineStats(_Msg, tag="stats"):
@@ -164,6 +177,29 @@ class EngineStats(_Msg, tag="stats"):
     requests_finished_total: int
     engine_core_pids: list[int] = []  # vLLM's own processes under the worker
     seconds_since_output: float = 0.0  # how long ago the engine last produced a token
+    # admission (service/engine/admission.py)
+    queued: int = 0  # requests waiting in the worker for admission into vLLM
+    tokens_in_flight: int = 0
+    max_num_seqs_ceiling: int = 0
+    max_num_batched_tokens_ceiling: int = 0
+    limits_reason: str = ""
+    admitted_total: int = 0
+    refused_total: dict[str, int] = {}  # by reason: queue_full, too_slow, rate_limit
+    estimated_wait_s: float = 0.0
+    # latency of the requests finished within the asked window, arrival in the worker -> last token
+    window_requests: int = 0
+    ttft_p50_s: float = 0.0
+    ttft_p95_s: float = 0.0
+    e2e_p50_s: float = 0.0
+    e2e_p95_s: float = 0.0
+
+
+class LimitsSet(_Msg, tag="limitsset"):
+    rid: int
+    max_num_seqs: int  # now in force
+    max_num_batched_tokens: int
+    max_num_seqs_ceiling: int
+    max_num_batched_tokens_ceiling: int
 
 
 class TokenizeResult(_Msg, tag="tokres"):
@@ -172,4 +208,56 @@ class TokenizeResult(_Msg, tag="tokres"):
     text: str
 
 
-WorkerMessage = Welcome | HandshakeRefused | Output | Failure | EngineStats | TokenizeResult
+WorkerMessage = Welcome | HandshakeRefused | Output | Failure | EngineStats | TokenizeResult | LimitsSet
+
+
+# ---------------------------------------------------------------- orchestrator -> gateway
+# Written by the orchestrator as JSON to <runtime_dir>/efficiency.json after every sample
+# (atomically: a temporary file, then rename); the gateway reads it for /efficiency.
+class Decision(msgspec.Struct, kw_only=True):
+    at: float  # unix time
+    action: str  # "decrease", "increase" or "hold"
+    reason: str
+    max_num_seqs: int  # in force after the decision
+    max_num_batched_tokens: int
+    inputs: dict[str, float]  # what it was decided on
+
+
+class ProcessSample(msgspec.Struct, kw_only=True):
+    role: str  # engine, engine-core, gateway, orchestrator, serve
+    pid: int
+    rss_mb: float
+    cpu_percent: float  # of one core, over the last interval
+
+
+class CgroupSample(msgspec.Struct, kw_only=True):
+    path: str
+    version: int  # 2 or 1 (0: none found)
+    memory_current_mb: float | None = None
+    memory_max_mb: float | None = None  # None: no limit
+    memory_high_mb: float | None = None
+    memory_pressure_some_avg10: float | None = None  # % of time some task stalled on memory
+    memory_pressure_full_avg10: float | None = None
+    cpu_pressure_some_avg10: float | None = None
+    cpu_throttled_periods: int | None = None
+    cpu_throttled_s: float | None = None
+
+
+class EfficiencyReport(msgspec.Struct, kw_only=True):
+    at: float  # unix time of the sample
+    interval_s: float
+    efficiency_mode: bool
+    connected: bool  # the orchestrator reached the engine's control socket this time
+    processes: list[ProcessSample] = []
+    cgroup: CgroupSample | None = None
+    system_memory_used_percent: float = 0.0
+    system_memory_available_mb: float = 0.0
+    requests_per_s: float = 0.0
+    tokens_per_s: float = 0.0  # prompt + generated
+    generated_tokens_per_s: float = 0.0
+    cpu_seconds_per_s: float = 0.0  # the service's processes together
+    tokens_per_cpu_second: float = 0.0
+    tokens_per_gb_second: float = 0.0
+    memory_limit_mb: float = 0.0  # the limit the policy keeps to: cgroup memory.max, else memory_gb
+    memory_used_mb: float = 0.0  # cgroup memory.current, else the processes' RSS
+    decisions: list[Decision] = []  # the last ones, newest last

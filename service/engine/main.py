@@ -13,6 +13,7 @@ import gc
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +74,7 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
                  dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                  max_num_batched_tokens=args.max_num_batched_tokens,
                  kv_cache_bytes=args.kv_cache_memory_bytes, omp_threads=os.environ.get("OMP_NUM_THREADS"))
+        from service.engine.admission import Admission, Limits
         from service.engine.stats import SchedulerSnapshot
         from service.model_info import count_parameters
 
@@ -92,12 +94,17 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
             engine_pid=os.getpid(),
             parameter_count=count_parameters(model.path),
         )
-        server = EngineServer(engine, welcome, engine.model_config.get_vocab_size(), scheduler)
+        sched = engine.vllm_config.scheduler_config  # built with the ceilings; admission keeps below them
+        admission = Admission(Limits(sched.max_num_seqs, sched.max_num_batched_tokens), config.max_queue,
+                              config.target_latency_ms / 1000, config.max_throughput_rps, config.efficiency_mode)
+        scheduler.on_step = admission.step
+        server = EngineServer(engine, welcome, engine.model_config.get_vocab_size(), admission, scheduler)
         # Everything loaded so far lives as long as the process: move it out of the garbage
         # collector's reach, or each full collection walks millions of objects (~1 s pauses).
         gc.collect()
         gc.freeze()
-        listener = await _listen(loop, server, socket_path)
+        listener = await _listen(loop, server.connection, socket_path)
+        control = await _listen(loop, server.control_connection, config.control_socket_path())
     except Exception:
         log.exception("engine failed to start")
         if engine is not None:
@@ -125,6 +132,7 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
         await asyncio.gather(watch, stopped, watchdog, return_exceptions=True)
         # Ordered shutdown: stop accepting, drain, cancel the rest, release the engine.
         listener.close()
+        control.close()
         if exit_code == EXIT_STOPPED:
             await server.drain(DRAIN_TIMEOUT_S)
         else:
@@ -132,20 +140,23 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
     finally:
         with contextlib.suppress(Exception):
             listener.close()
+            control.close()
         engine.shutdown()
-        with contextlib.suppress(FileNotFoundError):
-            socket_path.unlink()
+        for path in (socket_path, config.control_socket_path()):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
         log.info("engine stopped", exit_code=exit_code)
     return exit_code
 
 
-async def _listen(loop: asyncio.AbstractEventLoop, server: EngineServer, path: Path) -> asyncio.Server:
+async def _listen(loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.Protocol],
+                  path: Path) -> asyncio.Server:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()  # a stale socket from a killed worker
     old_umask = os.umask(0o177)  # the socket file is created 0600
     try:
-        return await loop.create_unix_server(server.connection, str(path))
+        return await loop.create_unix_server(factory, str(path))
     finally:
         os.umask(old_umask)
 

@@ -15,9 +15,10 @@ import struct
 import time
 from typing import Any
 
+from service.engine.admission import Admission, Refused, Ticket
+from service.engine.stats import Counters, SchedulerSnapshot
 from shared import protocol as p
 from shared.framing import FrameConnection
-from service.engine.stats import Counters, SchedulerSnapshot
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -37,7 +38,7 @@ class RequestError(Exception):
 class EngineServer:
     """Owns the AsyncLLM and the tasks of all requests in flight."""
 
-    def __init__(self, engine: Any, welcome: p.Welcome, vocab_size: int,
+    def __init__(self, engine: Any, welcome: p.Welcome, vocab_size: int, admission: Admission,
                  scheduler: SchedulerSnapshot | None = None) -> None:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -47,8 +48,7 @@ class EngineServer:
         self.welcome = welcome
         self.max_model_len = welcome.max_model_len
         self.vocab_size = vocab_size
-        sched_config = engine.vllm_config.scheduler_config
-        self.limits = (sched_config.max_num_seqs, sched_config.max_num_batched_tokens)
+        self.admission = admission
         self.tokenizer = engine.get_tokenizer()
         self.scheduler = scheduler or SchedulerSnapshot()
         self.counters = Counters()
@@ -71,6 +71,19 @@ class EngineServer:
 
     def connection(self) -> EngineConnection:
         return EngineConnection(self, next(self._conn_ids))
+
+    def control_connection(self) -> EngineConnection:
+        return EngineConnection(self, next(self._conn_ids), control=True)
+
+    def set_limits(self, msg: p.SetLimits) -> p.LimitsSet:
+        before = self.admission.limits
+        limits = self.admission.set_limits(msg.max_num_seqs, msg.max_num_batched_tokens, msg.reason)
+        if limits != before:
+            log.info("limits set", max_num_seqs=limits.max_num_seqs,
+                     max_num_batched_tokens=limits.max_num_batched_tokens, reason=msg.reason)
+        c = self.admission.ceilings
+        return p.LimitsSet(msg.rid, limits.max_num_seqs, limits.max_num_batched_tokens,
+                           c.max_num_seqs, c.max_num_batched_tokens)
 
     # ---------------------------------------------------------------- one request
     def start(self, conn: EngineConnection, msg: p.Generate) -> asyncio.Task[None]:
@@ -154,7 +167,12 @@ class EngineServer:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         rid = msg.rid
+        arrived = time.monotonic()
+        ticket: Ticket | None = None
+        ttft: float | None = None
+        finished = False
         try:
+            self.admission.check()  # before tokenizing: refusing must be the cheapest answer
             ids = self._fit(self._chat_ids(msg.chat), "messages") if msg.chat is not None else self._prompt_ids(msg.prompt)
             params = self._sampling(msg.params, len(ids), msg.stream)
             echo = ""
@@ -164,6 +182,8 @@ class EngineServer:
                     conn.send(p.Output(rid, [p.Choice(i, echo, 0) for i in range(msg.params.n)]))
                     echo = ""
             want_logprobs = msg.params.logprobs is not None
+            n = msg.params.n
+            ticket = await self.admission.admit(n, max(len(ids), n), arrived)
             prompt = self._TokensPrompt(prompt_token_ids=ids)
             request_id = f"{conn.conn_id}-{rid}"
             finish = _FINISH
@@ -176,8 +196,11 @@ class EngineServer:
                     for c in out.outputs
                 ]
                 generated += sum(ch.tokens for ch in choices)
-                self.last_output = time.monotonic()
+                self.last_output = now = time.monotonic()
+                if ttft is None:
+                    ttft = now - arrived
                 if out.finished:
+                    finished = True
                     m = out.metrics
                     if m is not None and m.first_token_ts:
                         conn.send(p.Output(rid, choices, True, len(ids), m.first_token_latency,
@@ -191,6 +214,8 @@ class EngineServer:
                     return
                 conn.send(p.Output(rid, choices))
                 await conn.wait_writable(30.0)
+        except Refused as exc:
+            conn.send(p.Failure(rid, 429, str(exc), code="overloaded", retry_after_s=exc.retry_after_s))
         except RequestError as exc:
             self._refuse(conn, msg, exc.status, str(exc), exc.param)
         except VLLMValidationError as exc:
@@ -209,6 +234,8 @@ class EngineServer:
             conn.send(p.Failure(rid, 500, f"internal error: {type(exc).__name__}: {exc}"))
         finally:
             conn.requests.pop(rid, None)
+            if ticket is not None:
+                self.admission.finish(ticket, ttft if finished else None)
 
     def _count(self, prompt_tokens: int, generated: int) -> None:
         counters = self.counters
@@ -236,22 +263,33 @@ class EngineServer:
         except RequestError as exc:
             return p.Failure(msg.rid, exc.status, str(exc), exc.param)
 
-    def stats(self, rid: int) -> p.EngineStats:
-        sched, counters = self.scheduler, self.counters
+    def stats(self, rid: int, window_s: float = 10.0) -> p.EngineStats:
+        sched, counters, adm = self.scheduler, self.counters, self.admission
         idle = not self._tasks
+        ttft50, ttft95, e2e50, e2e95, count = adm.percentiles(window_s)
         return p.EngineStats(
             rid=rid,
             running=0 if idle else sched.running,
             waiting=0 if idle else sched.waiting,
             kv_cache_usage=0.0 if idle else sched.kv_cache_usage,
-            max_num_seqs=self.limits[0],
-            max_num_batched_tokens=self.limits[1],
+            max_num_seqs=adm.limits.max_num_seqs,
+            max_num_batched_tokens=adm.limits.max_num_batched_tokens,
             in_flight=len(self._tasks),
             prompt_tokens_total=counters.prompt_tokens,
             generation_tokens_total=counters.generation_tokens,
             requests_finished_total=counters.requests_finished,
             engine_core_pids=_child_pids(),
             seconds_since_output=time.monotonic() - max(self.last_output, sched.last_step),
+            queued=adm.queued,
+            tokens_in_flight=adm.tokens,
+            max_num_seqs_ceiling=adm.ceilings.max_num_seqs,
+            max_num_batched_tokens_ceiling=adm.ceilings.max_num_batched_tokens,
+            limits_reason=adm.limits_reason,
+            admitted_total=adm.admitted_total,
+            refused_total=dict(adm.refused_total),
+            estimated_wait_s=min(adm.estimated_wait_s(), 3600.0),
+            window_requests=count,
+            ttft_p50_s=ttft50, ttft_p95_s=ttft95, e2e_p50_s=e2e50, e2e_p95_s=e2e95,
         )
 
     async def drain(self, timeout_s: float) -> None:
@@ -300,10 +338,11 @@ def _child_pids() -> list[int]:
 class EngineConnection(FrameConnection[p.GatewayMessage]):
     """One client connection (the gateway, or a test): handshake first, then requests."""
 
-    def __init__(self, server: EngineServer, conn_id: int) -> None:
+    def __init__(self, server: EngineServer, conn_id: int, control: bool = False) -> None:
         super().__init__(p.GatewayMessage)
         self.server = server
         self.conn_id = conn_id
+        self.control = control  # the control socket: stats and limits, no generation
         self.greeted = False
         self.requests: dict[int, asyncio.Task[None]] = {}
 
@@ -317,13 +356,15 @@ class EngineConnection(FrameConnection[p.GatewayMessage]):
 
     def on_message(self, msg: p.GatewayMessage) -> None:
         match msg:
-            case p.Generate() if self.greeted:
+            case p.Generate() if self.greeted and not self.control:
                 if msg.rid in self.requests:
                     self.send(p.Failure(msg.rid, 400, f"rid {msg.rid} is already in flight"))
                     return
                 self.requests[msg.rid] = self.server.start(self, msg)
-            case p.GetStats(rid=rid) if self.greeted:
-                self.send(self.server.stats(rid))
+            case p.GetStats(rid=rid, window_s=window_s) if self.greeted:
+                self.send(self.server.stats(rid, window_s))
+            case p.SetLimits() if self.greeted and self.control:
+                self.send(self.server.set_limits(msg))
             case p.Tokenize() | p.Detokenize() if self.greeted:
                 self.send(self.server.tokenize(msg))
             case p.Abort(rid=rid):
@@ -338,7 +379,8 @@ class EngineConnection(FrameConnection[p.GatewayMessage]):
                 self.greeted = True
                 self.send(self.server.welcome)
             case _:
-                log.warning("message before handshake: closing connection", conn=self.conn_id)
+                log.warning("message before handshake or on the wrong socket: closing connection",
+                            conn=self.conn_id, message=type(msg).__name__, control=self.control)
                 self.close()
 
     def on_lost(self, exc: Exception | None) -> None:

@@ -4,6 +4,7 @@ vLLM stat logger) and the worker's own token and request counts."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
@@ -17,10 +18,13 @@ class SchedulerSnapshot(StatLoggerBase):
         self.waiting = 0
         self.kv_cache_usage = 0.0
         self.last_step = time.monotonic()  # when vLLM last reported an engine step
+        self.on_step: Callable[[], None] | None = None  # called after every engine step
 
     def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
                engine_idx: int = 0) -> None:
         self.last_step = time.monotonic()
+        if self.on_step is not None:
+            self.on_step()
         if scheduler_stats is not None:
             self.running = scheduler_stats.num_running_reqs
             self.waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs

@@ -4,6 +4,7 @@ engine error mapping, and server-sent events."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -92,7 +93,8 @@ def sampling_spec(req: s.SamplingFields, max_tokens: int | None, logprobs: int |
 def engine_error(exc: Exception) -> ApiError:
     if isinstance(exc, RequestFailed):
         f = exc.failure
-        return ApiError(f.status, f.message, f.param, f.code)
+        headers = {"Retry-After": str(max(1, math.ceil(f.retry_after_s)))} if f.status == 429 else None
+        return ApiError(f.status, f.message, f.param, f.code, headers)
     if isinstance(exc, DeadlineExceeded):
         return ApiError(504, f"Request deadline exceeded: {exc}", code="timeout")
     return ApiError(503, f"The engine is unavailable: {exc}", code="engine_unavailable",

@@ -56,7 +56,7 @@ class _Connection(FrameConnection[p.WorkerMessage]):
         match msg:
             case p.Output(rid=rid) | p.Failure(rid=rid):
                 self.client._deliver(rid, msg)
-            case p.EngineStats(rid=rid) | p.TokenizeResult(rid=rid):
+            case p.EngineStats(rid=rid) | p.TokenizeResult(rid=rid) | p.LimitsSet(rid=rid):
                 self.client._deliver_reply(rid, msg)
             case p.Welcome():
                 if not self.welcome.done():
@@ -195,9 +195,9 @@ class EngineClient:
         finally:
             self._sinks.pop(rid, None)
 
-    async def stats(self, timeout_s: float) -> p.EngineStats:
-        """The engine's current state."""
-        return await self._ask(p.GetStats, timeout_s)  # type: ignore[no-any-return]
+    async def stats(self, timeout_s: float, window_s: float = 10.0) -> p.EngineStats:
+        """The engine's current state; latency percentiles over the last window_s."""
+        return await self._ask(lambda rid: p.GetStats(rid, window_s), timeout_s)  # type: ignore[no-any-return]
 
     async def tokenize(self, text: str | None, chat: list[p.ChatMessage] | None, add_special_tokens: bool,
                        timeout_s: float) -> p.TokenizeResult:

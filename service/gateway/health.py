@@ -53,6 +53,8 @@ class HealthMonitor:
         except (TimeoutError, DeadlineExceeded):
             return f"no answer within {self.timeout_s:g} s"
         except RequestFailed as exc:
+            if exc.failure.status == 429:
+                return None  # refused by admission: the worker answers, so it is alive
             return f"probe failed: {exc}"
         return None
 

@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from service.gateway import chat, completions, handlers
+from service.gateway import chat, completions, efficiency, handlers
 from service.gateway import schemas as s
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -40,6 +40,9 @@ ROUTES: tuple[Route, ...] = (
           s.DetokenizeResponse),
     Route("GET", "/health", handlers.health, "Readiness: 200 only when the engine serves", None, s.Health),
     Route("GET", "/version", handlers.version, "Versions of the service and its engine", None, s.Version),
+    Route("GET", "/efficiency", efficiency.efficiency,
+          "Admission limits, measurements, throughput, latency against the target, refusals, decisions"),
+    Route("GET", "/metrics/efficiency", efficiency.efficiency_metrics, "/efficiency in Prometheus text format"),
 )
 
 ERROR_STATUSES = {"400": "Bad input (names the field)", "404": "Unknown model or route",

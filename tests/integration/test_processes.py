@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from tests.helpers import ServiceProcess
+from tests.helpers import ServiceProcess, wait_for
 
 pytestmark = pytest.mark.integration
 REQUEST_TIMEOUT_S = 6  # long enough for a stream to fill the socket buffers of a client that stops reading
@@ -49,15 +49,6 @@ def health_status(svc: ServiceProcess) -> tuple[int, str]:
             return resp.status, json.loads(resp.read())["status"]
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())["status"]
-
-
-def wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def test_each_role_shows_in_its_command_line(own_service: ServiceProcess) -> None:

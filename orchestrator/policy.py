@@ -1,0 +1,142 @@
+"""The efficiency policy: steer the engine's admission limits toward the latency and memory
+targets while keeping as much throughput as they allow.
+
+AIMD with hysteresis, one decision per sample:
+- decrease (×0.7, at least 1) when memory is at 90 % of its limit or memory pressure
+  stalls tasks, or when p95 end-to-end latency is over `target_latency_ms`;
+- increase (+1/16 of the ceiling) while requests wait or are refused, p95 is under 80 % of
+  the target and memory under 80 %, or when the engine is idle and nothing was refused
+  since the last sample (a quiet period restores the limits);
+- hold in between (the band between 80 % and 100 % of the target), and for two samples
+  after a decrease, so that the change shows in the latency before the next one.
+The token budget moves with `max_num_seqs` in proportion to the ceilings, never under a
+quarter of its ceiling (a long prompt would otherwise wait for the engine to empty).
+Never below 1, never above the ceilings. With `efficiency_mode` false it decides nothing
+and only observes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from shared.config import Phi3MiniConfig
+from shared.protocol import Decision
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one decision is made on."""
+
+    max_num_seqs: int  # limits in force
+    max_num_batched_tokens: int
+    max_num_seqs_ceiling: int
+    max_num_batched_tokens_ceiling: int
+    in_flight: int  # requests in the worker (admitted or queued)
+    queued: int  # waiting for admission
+    window_requests: int  # requests finished in the latency window
+    e2e_p95_s: float
+    memory_used_mb: float
+    memory_limit_mb: float
+    memory_pressure: float | None = None  # % of time some task stalled on memory (avg10)
+    refused: int = 0  # refused by admission since the last sample (demand beyond what was admitted)
+
+
+class EfficiencyManager:
+    DECREASE = 0.7
+    HEADROOM = 0.8  # of the latency target and of the memory limit: room to grow below it
+    MEMORY_HIGH = 0.9  # of the memory limit: shrink above it
+    PRESSURE_STALL = 10.0  # % (PSI some avg10): shrink above it
+    COOLDOWN = 2  # samples without an increase (or another decrease) after a decrease
+    MIN_REQUESTS = 3  # finished requests in the window before latency is judged
+    HISTORY = 50  # decisions kept
+
+    def __init__(self, config: Phi3MiniConfig | None = None) -> None:
+        self.config = config or Phi3MiniConfig()
+        self.target_s = self.config.target_latency_ms / 1000
+        self.decisions: deque[Decision] = deque(maxlen=self.HISTORY)
+        self.limits = (self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.ceilings = self.limits
+        self._cooldown = 0
+
+    # ---------------------------------------------------------------- the policy
+    def decide(self, obs: Observation, now: float | None = None) -> Decision:
+        """The next limits and why; kept in `decisions` when they change anything."""
+        self.ceilings = (obs.max_num_seqs_ceiling, obs.max_num_batched_tokens_ceiling)
+        seqs, ceil_seqs = obs.max_num_seqs, obs.max_num_seqs_ceiling
+        memory = obs.memory_used_mb / obs.memory_limit_mb if obs.memory_limit_mb > 0 else 0.0
+        judged = obs.window_requests >= self.MIN_REQUESTS
+        inputs = {"max_num_seqs": seqs, "in_flight": obs.in_flight, "queued": obs.queued, "refused": obs.refused,
+                  "e2e_p95_ms": round(obs.e2e_p95_s * 1000, 1), "target_ms": self.config.target_latency_ms,
+                  "window_requests": obs.window_requests, "memory_fraction": round(memory, 3),
+                  "memory_pressure": -1.0 if obs.memory_pressure is None else obs.memory_pressure}
+        demand = ", ".join(part for part in (f"{obs.queued} requests wait" if obs.queued else "",
+                                             f"{obs.refused} refused" if obs.refused else "") if part)
+        cooling = self._cooldown > 0
+        self._cooldown = max(0, self._cooldown - 1)
+        action, reason, new = "hold", "within the band", seqs
+        if not self.config.efficiency_mode:
+            reason = "efficiency_mode is off: observing only"
+        elif memory >= self.MEMORY_HIGH:
+            action, reason = "decrease", f"memory at {memory:.0%} of its limit"
+        elif (obs.memory_pressure or 0.0) >= self.PRESSURE_STALL:
+            action, reason = "decrease", f"memory pressure: tasks stalled {obs.memory_pressure:.1f} % of the time"
+        elif judged and obs.e2e_p95_s > self.target_s and not cooling:
+            action, reason = "decrease", (f"p95 latency {obs.e2e_p95_s * 1000:.0f} ms over the "
+                                          f"{self.config.target_latency_ms:g} ms target")
+        elif cooling:
+            reason = "waiting for the last decrease to show"
+        elif demand and memory < self.HEADROOM and (not judged or obs.e2e_p95_s < self.HEADROOM * self.target_s):
+            action, reason = "increase", (f"{demand}; p95 {obs.e2e_p95_s * 1000:.0f} ms has headroom"
+                                          if judged else demand)
+        elif obs.in_flight == 0 and not obs.refused and seqs < ceil_seqs:
+            action, reason = "increase", "quiet: restoring the limits toward the ceilings"
+        if action == "decrease":
+            new = max(1, min(seqs - 1, math.floor(seqs * self.DECREASE)))
+            self._cooldown = self.COOLDOWN
+        elif action == "increase":
+            new = min(ceil_seqs, seqs + max(1, ceil_seqs // 16))
+        if new == seqs and action != "hold":
+            action, reason = "hold", f"{reason}, but already at the {'floor' if new == 1 else 'ceiling'}"
+        tokens = self._tokens_for(new, obs) if new != seqs else obs.max_num_batched_tokens
+        decision = Decision(at=time.time() if now is None else now, action=action, reason=reason,
+                            max_num_seqs=new, max_num_batched_tokens=tokens, inputs=inputs)
+        self.limits = (new, tokens)
+        if action != "hold":
+            self.decisions.append(decision)
+        return decision
+
+    @staticmethod
+    def _tokens_for(seqs: int, obs: Observation) -> int:
+        ceiling = obs.max_num_batched_tokens_ceiling
+        share = round(ceiling * seqs / obs.max_num_seqs_ceiling)
+        return min(ceiling, max(share, ceiling // 4, 1))
+
+    # ---------------------------------------------------------------- status
+    def get_optimization_status(self) -> dict[str, Any]:
+        """What the efficiency settings do on this instance, and where the limits stand."""
+        c = self.config
+        return {
+            "efficiency_mode": c.efficiency_mode,
+            "steering": "adaptive admission limits (AIMD on p95 latency and memory)" if c.efficiency_mode
+                        else "off: the limits stay at the configured ceilings; the orchestrator only observes",
+            "memory_optimization": {
+                "enabled": c.memory_optimization,
+                "effect": (f"KV cache sized to fit memory_gb={c.memory_gb:g} beside the weights"
+                           if c.memory_optimization else "KV cache sized by vLLM's gpu_memory_utilization rule"),
+            },
+            "cpu_optimization": {
+                "enabled": c.cpu_optimization,
+                "effect": (f"engine threads bound to {max(c.cpu_cores - 1, 1)} of the {c.cpu_cores} allotted cores"
+                           if c.cpu_optimization else "engine threads left to the OS scheduler"),
+            },
+            "max_throughput_rps": c.max_throughput_rps if c.efficiency_mode else None,
+            "target_latency_ms": c.target_latency_ms,
+            "memory_gb": c.memory_gb,
+            "limits": {"max_num_seqs": self.limits[0], "max_num_batched_tokens": self.limits[1]},
+            "ceilings": {"max_num_seqs": self.ceilings[0], "max_num_batched_tokens": self.ceilings[1]},
+            "decisions": len(self.decisions),
+        }

@@ -1,0 +1,240 @@
+"""Admission into vLLM, in the engine worker.
+
+At most `max_num_seqs` sequences and `max_num_batched_tokens` tokens are in flight in vLLM;
+the rest wait here, first come first served, in a queue of at most `max_queue`. Tokens
+count as vLLM's per-step budget does: a request weighs its prompt tokens (the prefill it
+adds to a batch) until two engine steps after its admission (vLLM reports each step), then
+one token per sequence (a decode step each). A request larger than the whole budget still
+runs, alone.
+
+Limits move at run time (`set_limits`, from the orchestrator) within the ceilings the
+engine was built with. In efficiency mode a new request is refused at once, before it is
+tokenized, when the queue ahead of it would already make it miss the latency target, or
+beyond `max_throughput_rps` (a token bucket).
+
+Pure logic with an injectable clock: `tests/service/test_admission.py` drives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+
+class Refused(Exception):
+    """Refused at once: 429 with Retry-After."""
+
+    def __init__(self, message: str, reason: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.reason, self.retry_after_s = reason, retry_after_s
+
+
+class Ticket:
+    __slots__ = ("admitted", "arrived", "future", "prefill_steps", "seqs", "started", "tokens")
+
+    def __init__(self, seqs: int, tokens: int, arrived: float) -> None:
+        self.seqs, self.tokens, self.arrived = seqs, tokens, arrived
+        self.future: asyncio.Future[None] | None = None  # set while it waits
+        self.started = False  # admitted into vLLM
+        self.prefill_steps = 2  # engine steps until its prompt no longer weighs on the budget
+        self.admitted = arrived
+
+
+class TokenBucket:
+    def __init__(self, rate: float, clock: Callable[[], float]) -> None:
+        self.rate, self.capacity, self._clock = rate, max(rate, 1.0), clock
+        self._level, self._at = self.capacity, clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._level = min(self.capacity, self._level + (now - self._at) * self.rate)
+        self._at = now
+        if self._level >= 1.0:
+            self._level -= 1.0
+            return True
+        return False
+
+
+class Admission:
+    DEPARTURES = 64  # finished requests the departure rate is measured over…
+    DEPARTURE_WINDOW_S = 5.0  # …if they left this recently: no evidence, no refusal
+    SERVICE_EWMA = 0.1  # weight of the newest request in the mean time from admission to finish
+    LATENCIES = 2048  # finished requests kept for latency percentiles
+
+    def __init__(self, ceilings: Limits, max_queue: int, target_latency_s: float,
+                 max_rps: float | None, shed: bool, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ceilings = self.limits = ceilings
+        self.limits_reason = "start-up: the configured ceilings"
+        self.max_queue, self.target_latency_s, self.shed = max_queue, target_latency_s, shed
+        self.seqs = 0  # sequences in flight in vLLM
+        self.tokens = 0  # tokens in flight, as counted above
+        self.running = 0  # requests in flight in vLLM
+        self.admitted_total = 0
+        self.refused_total: dict[str, int] = {"queue_full": 0, "too_slow": 0, "rate_limit": 0}
+        self._queue: deque[Ticket] = deque()
+        self._prefilling: list[Ticket] = []
+        self._bucket = TokenBucket(max_rps, clock) if max_rps and shed else None
+        self._clock = clock
+        self._departures: deque[float] = deque(maxlen=self.DEPARTURES)
+        self.service_s = 0.0  # mean time from admission to finish (EWMA)
+        self.latencies: deque[tuple[float, float, float]] = deque(maxlen=self.LATENCIES)  # (at, ttft, e2e)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    # ---------------------------------------------------------------- refusal
+    def check(self) -> None:
+        """Raise Refused if a new request should not even be tokenized."""
+        if len(self._queue) >= self.max_queue:
+            self._refuse("queue_full", f"Too many requests waiting for the engine (max_queue={self.max_queue}); "
+                                       "retry later", 1.0)
+        if not self.shed:
+            return
+        wait = self.estimated_wait_s()
+        allowed = self.wait_allowance_s()
+        if wait > allowed:
+            self._refuse("too_slow", f"The queue ahead would take about {wait:.2f} s; with about "
+                                     f"{self.service_s:.2f} s to generate, the answer would miss the "
+                                     f"{self.target_latency_s * 1000:g} ms latency target; retry later", wait)
+        if self._bucket is not None and not self._bucket.take():
+            self._refuse("rate_limit", f"More than max_throughput_rps={self._bucket.rate:g} requests per second; "
+                                       "retry later", 1.0 / self._bucket.rate)
+
+    def _refuse(self, reason: str, message: str, retry_after_s: float) -> None:
+        self.refused_total[reason] += 1
+        raise Refused(message, reason, retry_after_s)
+
+    def wait_allowance_s(self) -> float:
+        """The longest wait that still leaves time to generate within the target (at least a
+        quarter of the target, so that long generations are not all refused)."""
+        return max(self.target_latency_s - self.service_s, self.target_latency_s / 4)
+
+    def estimated_wait_s(self) -> float:
+        """How long a request arriving now would wait: the queue ahead of it over the rate at
+        which requests have recently left vLLM. 0 when it would be admitted at once, or when
+        too few requests left recently to tell (no evidence, no refusal)."""
+        if not self._queue:
+            return 0.0
+        rate = self.departure_rate()
+        return 0.0 if rate is None else (len(self._queue) + 1) / rate
+
+    def departure_rate(self) -> float | None:
+        """Requests leaving vLLM per second, over those that left within the window; it falls
+        as time passes without departures."""
+        d = self._departures
+        now = self._clock()
+        while d and d[0] < now - self.DEPARTURE_WINDOW_S:
+            d.popleft()
+        if len(d) < 2:
+            return None
+        span = max(now, d[-1]) - d[0]
+        return (len(d) - 1) / span if span > 0 else None
+
+    # ---------------------------------------------------------------- admission
+    async def admit(self, seqs: int, tokens: int, arrived: float) -> Ticket:
+        """Wait (FIFO) until the request fits the limits; cancellable."""
+        ticket = Ticket(seqs, tokens, arrived)
+        if not self._queue and self._fits(ticket):
+            self._start(ticket)
+            return ticket
+        ticket.future = asyncio.get_running_loop().create_future()
+        self._queue.append(ticket)
+        try:
+            await ticket.future
+        except asyncio.CancelledError:
+            if ticket.started:
+                self.finish(ticket, None)
+            else:
+                self._queue.remove(ticket)
+                self._pump()  # the head may have changed
+            raise
+        return ticket
+
+    def _fits(self, t: Ticket) -> bool:
+        if self.running == 0:
+            return True
+        return (self.seqs + t.seqs <= self.limits.max_num_seqs
+                and self.tokens + t.tokens <= self.limits.max_num_batched_tokens)
+
+    def _start(self, t: Ticket) -> None:
+        t.started = True
+        t.admitted = self._clock()
+        self.running += 1
+        self.seqs += t.seqs
+        self.tokens += t.tokens
+        self.admitted_total += 1
+        if t.tokens > t.seqs:
+            self._prefilling.append(t)
+
+    def _pump(self) -> None:
+        while self._queue and self._fits(self._queue[0]):
+            t = self._queue.popleft()
+            self._start(t)
+            if t.future is not None and not t.future.done():
+                t.future.set_result(None)
+
+    def step(self) -> None:
+        """vLLM finished an engine step: prompts admitted two steps ago have been prefilled."""
+        if not self._prefilling:
+            return
+        still = []
+        for t in self._prefilling:
+            t.prefill_steps -= 1
+            if t.prefill_steps > 0 and t.started:
+                still.append(t)
+            elif t.started:
+                self.tokens -= t.tokens - t.seqs
+                t.tokens = t.seqs
+        self._prefilling = still
+        self._pump()
+
+    def finish(self, t: Ticket, ttft_s: float | None) -> None:
+        """The request left vLLM (finished, failed or aborted)."""
+        if not t.started:
+            return
+        t.started = False
+        self.running -= 1
+        self.seqs -= t.seqs
+        self.tokens -= t.tokens
+        now = self._clock()
+        self._departures.append(now)
+        if ttft_s is not None:
+            self.latencies.append((now, ttft_s, now - t.arrived))
+            served = now - t.admitted
+            self.service_s = served if self.service_s == 0.0 else (
+                self.service_s + self.SERVICE_EWMA * (served - self.service_s))
+        self._pump()
+
+    def set_limits(self, max_num_seqs: int, max_num_batched_tokens: int, reason: str) -> Limits:
+        """Clamp into [1, ceiling]; admit whatever now fits."""
+        c = self.ceilings
+        self.limits = Limits(min(max(max_num_seqs, 1), c.max_num_seqs),
+                             min(max(max_num_batched_tokens, 1), c.max_num_batched_tokens))
+        self.limits_reason = reason
+        self._pump()
+        return self.limits
+
+    # ---------------------------------------------------------------- reporting
+    def percentiles(self, window_s: float) -> tuple[float, float, float, float, int]:
+        """(ttft p50, ttft p95, e2e p50, e2e p95, count) over requests finished in the last window_s."""
+        since = self._clock() - window_s
+        recent = [(ttft, e2e) for at, ttft, e2e in self.latencies if at >= since]
+        if not recent:
+            return 0.0, 0.0, 0.0, 0.0, 0
+        ttfts = sorted(r[0] for r in recent)
+        e2es = sorted(r[1] for r in recent)
+        return _pct(ttfts, 0.5), _pct(ttfts, 0.95), _pct(e2es, 0.5), _pct(e2es, 0.95), len(recent)
+
+
+def _pct(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))]

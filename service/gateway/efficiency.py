@@ -1,0 +1,140 @@
+"""GET /efficiency (JSON) and GET /metrics/efficiency (Prometheus text): the engine's admission
+state, asked live over the data socket, beside the orchestrator's last report (its
+measurements, rates and decisions), read from the file it writes each interval."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from orchestrator.policy import EfficiencyManager
+from service.gateway.engine_client import EngineUnavailable
+from service.gateway.keys import CLIENT, CONFIG, METRICS
+from shared import protocol as p
+
+STATS_TIMEOUT_S = 1.0
+_decode_report = msgspec.json.Decoder(p.EfficiencyReport).decode
+_encode = msgspec.json.Encoder().encode
+
+
+def _report(path: Any) -> p.EfficiencyReport | None:
+    try:
+        return _decode_report(path.read_bytes())
+    except (OSError, msgspec.DecodeError):
+        return None
+
+
+async def efficiency_document(app: web.Application) -> dict[str, Any]:
+    config = app[CONFIG]
+    window_s = max(2.0, 2 * config.metrics_collection_interval)
+    try:
+        stats: p.EngineStats | None = await app[CLIENT].stats(STATS_TIMEOUT_S, window_s)
+    except (EngineUnavailable, TimeoutError):
+        stats = None
+    report = _report(config.efficiency_report_path())
+    now = time.time()
+    doc: dict[str, Any] = {
+        "efficiency_mode": config.efficiency_mode,
+        "engine_connected": stats is not None,
+        "optimizations": EfficiencyManager(config).get_optimization_status(),
+    }
+    gateway_refused = {labels["reason"]: int(value) for labels, value in app[METRICS].refused.get_all()}
+    if stats is not None:
+        doc["limits"] = {"max_num_seqs": stats.max_num_seqs, "max_num_batched_tokens": stats.max_num_batched_tokens,
+                         "reason": stats.limits_reason}
+        doc["ceilings"] = {"max_num_seqs": stats.max_num_seqs_ceiling,
+                           "max_num_batched_tokens": stats.max_num_batched_tokens_ceiling}
+        doc["admission"] = {
+            "in_flight": stats.in_flight, "queued": stats.queued, "running": stats.running,
+            "tokens_in_flight": stats.tokens_in_flight, "kv_cache_usage": round(stats.kv_cache_usage, 4),
+            "estimated_wait_s": round(stats.estimated_wait_s, 3), "admitted_total": stats.admitted_total,
+        }
+        doc["latency"] = {
+            "target_ms": config.target_latency_ms, "window_s": window_s, "requests": stats.window_requests,
+            "e2e_p50_ms": _ms(stats.e2e_p50_s), "e2e_p95_ms": _ms(stats.e2e_p95_s),
+            "ttft_p50_ms": _ms(stats.ttft_p50_s), "ttft_p95_ms": _ms(stats.ttft_p95_s),
+            "within_target": stats.window_requests == 0 or stats.e2e_p95_s * 1000 <= config.target_latency_ms,
+        }
+        doc["refused"] = {"engine": stats.refused_total, "gateway": gateway_refused}
+    else:
+        doc["refused"] = {"gateway": gateway_refused}
+    if report is not None:
+        doc["orchestrator"] = {"report_age_s": round(now - report.at, 2), "interval_s": report.interval_s,
+                               "connected_to_engine": report.connected}
+        doc["throughput"] = {
+            "requests_per_s": report.requests_per_s, "tokens_per_s": report.tokens_per_s,
+            "generated_tokens_per_s": report.generated_tokens_per_s,
+            "tokens_per_cpu_second": report.tokens_per_cpu_second,
+            "tokens_per_gb_second": report.tokens_per_gb_second,
+        }
+        limit = report.memory_limit_mb
+        doc["measurements"] = {
+            "cpu_seconds_per_s": report.cpu_seconds_per_s,
+            "processes": [msgspec.structs.asdict(s) for s in report.processes],
+            "memory": {"used_mb": report.memory_used_mb, "limit_mb": limit,
+                       "fraction": round(report.memory_used_mb / limit, 4) if limit else None},
+            "cgroup": msgspec.structs.asdict(report.cgroup) if report.cgroup else None,
+            "system_memory": {"used_percent": report.system_memory_used_percent,
+                              "available_mb": report.system_memory_available_mb},
+        }
+        doc["decisions"] = [msgspec.structs.asdict(d) for d in report.decisions]
+    else:
+        doc["orchestrator"] = None  # not running, or no sample yet
+    return doc
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+async def efficiency(request: web.Request) -> web.Response:
+    doc = await efficiency_document(request.app)
+    return web.Response(body=_encode(doc), content_type="application/json")
+
+
+async def efficiency_metrics(request: web.Request) -> web.Response:
+    doc = await efficiency_document(request.app)
+    lines: list[str] = []
+
+    def gauge(name: str, help_: str, samples: list[tuple[dict[str, str], float | int | bool | None]]) -> None:
+        full = f"phi3_mini_efficiency_{name}"
+        lines.append(f"# HELP {full} {help_}")
+        lines.append(f"# TYPE {full} gauge")
+        for labels, value in samples:
+            if value is None:
+                continue
+            label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            lines.append(f"{full}{{{label_text}}} {float(value)}" if label_text else f"{full} {float(value)}")
+
+    gauge("mode", "1 when efficiency_mode steers the limits", [({}, doc["efficiency_mode"])])
+    if "limits" in doc:
+        gauge("limit", "Admission limits in force", [({"limit": k}, v) for k, v in doc["limits"].items() if k != "reason"])
+        gauge("ceiling", "Ceilings the limits move within", [({"limit": k}, v) for k, v in doc["ceilings"].items()])
+        gauge("admission", "Admission state", [({"state": k}, v) for k, v in doc["admission"].items()])
+        lat = doc["latency"]
+        gauge("latency_ms", "Recent latency percentiles, arrival in the worker to last token",
+              [({"quantile": q, "kind": kind}, lat[f"{kind}_p{q[2:] if q != '0.5' else '50'}_ms"])
+               for kind in ("e2e", "ttft") for q in ("0.5", "0.95")])
+        gauge("latency_target_ms", "The latency target", [({}, lat["target_ms"])])
+        gauge("refused", "Requests refused by the engine's admission, by reason",
+              [({"reason": k}, v) for k, v in doc["refused"]["engine"].items()])
+    if doc.get("throughput"):
+        gauge("throughput", "Rates over the last orchestrator interval",
+              [({"rate": k}, v) for k, v in doc["throughput"].items()])
+        m = doc["measurements"]
+        gauge("process_rss_mb", "RSS by process", [({"role": s["role"], "pid": str(s["pid"])}, s["rss_mb"])
+                                                   for s in m["processes"]])
+        gauge("process_cpu_percent", "CPU by process over the last interval",
+              [({"role": s["role"], "pid": str(s["pid"])}, s["cpu_percent"]) for s in m["processes"]])
+        gauge("memory_mb", "Memory against the limit the policy keeps to",
+              [({"kind": "used"}, m["memory"]["used_mb"]), ({"kind": "limit"}, m["memory"]["limit_mb"])])
+        cg = m["cgroup"] or {}
+        gauge("pressure", "PSI some avg10 (%)", [({"resource": "memory"}, cg.get("memory_pressure_some_avg10")),
+                                                 ({"resource": "cpu"}, cg.get("cpu_pressure_some_avg10"))])
+        gauge("decisions", "Decisions kept in the report", [({}, len(doc["decisions"]))])
+    body = "\n".join(lines) + "\n"
+    return web.Response(text=body, content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})

@@ -1,0 +1,133 @@
+"""The efficiency orchestrator steering the real engine: a burst under a tight latency target
+lowers max_num_seqs, a quiet period raises it again, overload is refused with 429 and
+Retry-After, the rate cap holds, and the limits outlive the orchestrator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import aiohttp
+import pytest
+
+from tests.helpers import ServiceProcess, wait_for
+
+pytestmark = pytest.mark.integration
+CEILING = 16
+RATE_CAP = 150
+
+
+@pytest.fixture(scope="module")
+def steered() -> Iterator[ServiceProcess]:
+    # a tight target the demo model misses under a burst, and a fast orchestrator
+    svc = ServiceProcess(target_latency_ms="150", metrics_collection_interval="0.5", max_num_seqs=str(CEILING),
+                         max_throughput_rps=str(RATE_CAP)).start()
+    try:
+        svc.wait_healthy()
+        yield svc
+    finally:
+        svc.stop()
+
+
+def efficiency(svc: ServiceProcess) -> dict:
+    with urllib.request.urlopen(svc.base_url + "/efficiency", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+async def burst(svc: ServiceProcess, requests: int, concurrency: int, max_tokens: int,
+                duration_s: float) -> list[tuple[int, dict, str | None]]:
+    """Closed-loop load, bounded in count and time: (status, body, Retry-After) of each answer."""
+    results: list[tuple[int, dict, str | None]] = []
+    body = {"prompt": "burst", "max_tokens": max_tokens, "ignore_eos": True}
+    deadline = time.monotonic() + duration_s
+    sent = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal sent
+        while sent < requests and time.monotonic() < deadline:
+            sent += 1
+            async with session.post(svc.base_url + "/v1/completions", json=body) as resp:
+                results.append((resp.status, await resp.json(), resp.headers.get("Retry-After")))
+
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    return results
+
+
+async def test_burst_lowers_max_num_seqs_and_sheds_with_429_then_quiet_restores(steered: ServiceProcess) -> None:
+    assert efficiency(steered)["limits"]["max_num_seqs"] == CEILING
+    lowest = CEILING
+    load = asyncio.ensure_future(burst(steered, requests=3000, concurrency=48, max_tokens=40, duration_s=12))
+    started = time.monotonic()
+    while not load.done() and time.monotonic() - started < 20:
+        await asyncio.sleep(0.5)
+        doc = await asyncio.to_thread(efficiency, steered)
+        lowest = min(lowest, doc["limits"]["max_num_seqs"])
+    results = await load
+    assert lowest < CEILING, "the limit never came down under the burst"
+    doc = efficiency(steered)
+    decreases = [d for d in doc["decisions"] if d["action"] == "decrease"]
+    assert decreases and "p95 latency" in decreases[0]["reason"]
+    assert decreases[0]["inputs"]["e2e_p95_ms"] > 150
+
+    # every request was answered: served, or refused at once with 429, Retry-After and OpenAI's error
+    statuses = [status for status, _, _ in results]
+    assert set(statuses) <= {200, 429}, set(statuses)
+    refused = [(body, retry) for status, body, retry in results if status == 429]
+    assert refused, "nothing was refused under a 3x overload of a 150 ms target"
+    assert all(retry is not None and int(retry) >= 1 for _, retry in refused)
+    assert all(body["error"]["type"] == "rate_limit_error" and body["error"]["code"] == "overloaded"
+               for body, _ in refused)
+    assert doc["refused"]["engine"]["too_slow"] > 0
+
+    # a quiet period raises it again
+    wait_for(lambda: efficiency(steered)["limits"]["max_num_seqs"] == CEILING, 20, "the limit to recover")
+    doc = efficiency(steered)
+    assert any(d["action"] == "increase" and "quiet" in d["reason"] for d in doc["decisions"])
+
+
+async def test_efficiency_shows_measurements_throughput_and_prometheus_text(steered: ServiceProcess) -> None:
+    await burst(steered, requests=40, concurrency=4, max_tokens=5, duration_s=10)
+    await asyncio.sleep(1.2)  # an orchestrator sample after the load
+    doc = efficiency(steered)
+    assert doc["efficiency_mode"] is True and doc["orchestrator"]["connected_to_engine"]
+    assert doc["orchestrator"]["report_age_s"] < 3
+    roles = {p["role"] for p in doc["measurements"]["processes"]}
+    assert {"engine", "gateway", "orchestrator", "engine-core"} <= roles
+    assert 500 < doc["measurements"]["memory"]["used_mb"] < doc["measurements"]["memory"]["limit_mb"]
+    assert doc["measurements"]["cgroup"]["version"] in (1, 2)
+    assert doc["ceilings"] == {"max_num_seqs": CEILING, "max_num_batched_tokens": 512}
+    assert doc["optimizations"]["memory_optimization"]["enabled"] is True
+    assert doc["latency"]["target_ms"] == 150
+    for key in ("requests_per_s", "tokens_per_s", "tokens_per_cpu_second", "tokens_per_gb_second"):
+        assert key in doc["throughput"]
+    with urllib.request.urlopen(steered.base_url + "/metrics/efficiency", timeout=10) as resp:
+        text = resp.read().decode()
+    assert f'phi3_mini_efficiency_ceiling{{limit="max_num_seqs"}} {float(CEILING)}' in text
+    assert 'phi3_mini_efficiency_process_rss_mb{role="engine"' in text
+
+
+async def test_rate_cap_refuses_beyond_max_throughput_rps(steered: ServiceProcess) -> None:
+    before = efficiency(steered)["refused"]["engine"]["rate_limit"]
+    started = time.monotonic()
+    results = await burst(steered, requests=600, concurrency=32, max_tokens=1, duration_s=15)
+    elapsed = time.monotonic() - started
+    served = sum(1 for status, _, _ in results if status == 200)
+    assert len(results) == 600 and {s for s, _, _ in results} <= {200, 429}
+    assert served <= RATE_CAP + RATE_CAP * elapsed + 5  # one second of burst, then the rate
+    assert efficiency(steered)["refused"]["engine"]["rate_limit"] > before
+
+
+def test_limits_outlive_the_orchestrator_and_a_new_one_reconnects(steered: ServiceProcess) -> None:
+    orchestrator = steered.children()["orchestrator"]
+    limits = efficiency(steered)["limits"]
+    orchestrator.kill()
+    assert efficiency(steered)["limits"] == limits  # the engine keeps what it was given
+    wait_for(lambda: steered.children().get("orchestrator") is not None
+             and steered.children()["orchestrator"].pid != orchestrator.pid, 20, "a new orchestrator")
+    wait_for(lambda: (efficiency(steered)["orchestrator"] or {}).get("report_age_s", 99) < 2
+             and efficiency(steered)["orchestrator"]["connected_to_engine"], 20, "the new one to report")

@@ -1,0 +1,96 @@
+"""The efficiency policy on synthetic measurement sequences."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from orchestrator.policy import EfficiencyManager, Observation
+from shared.config import Phi3MiniConfig
+
+CONFIG = Phi3MiniConfig(target_latency_ms=500, max_num_seqs=32, max_num_batched_tokens=1024)
+
+
+def obs(seqs: int = 32, **kw: float) -> Observation:
+    base = Observation(max_num_seqs=seqs, max_num_batched_tokens=1024, max_num_seqs_ceiling=32,
+                       max_num_batched_tokens_ceiling=1024, in_flight=40, queued=8, window_requests=50,
+                       e2e_p95_s=0.3, memory_used_mb=1500, memory_limit_mb=4096)
+    return replace(base, **kw)
+
+
+def test_a_latency_breach_lowers_the_limits() -> None:
+    manager = EfficiencyManager(CONFIG)
+    d = manager.decide(obs(e2e_p95_s=0.9))
+    assert d.action == "decrease" and d.max_num_seqs == 22 and "latency" in d.reason
+    assert d.max_num_batched_tokens < 1024
+    assert manager.decisions[-1] is d and d.inputs["e2e_p95_ms"] == 900
+
+
+def test_headroom_with_waiting_requests_raises_the_limits() -> None:
+    d = EfficiencyManager(CONFIG).decide(obs(seqs=8, e2e_p95_s=0.1, queued=5))
+    assert d.action == "increase" and d.max_num_seqs == 10 and d.max_num_batched_tokens >= 256
+
+
+def test_memory_near_the_limit_or_pressure_lowers_the_limits() -> None:
+    assert EfficiencyManager(CONFIG).decide(obs(memory_used_mb=3800)).action == "decrease"
+    d = EfficiencyManager(CONFIG).decide(obs(memory_pressure=25.0))
+    assert d.action == "decrease" and "pressure" in d.reason
+
+
+def test_never_below_one_nor_above_the_ceiling() -> None:
+    manager = EfficiencyManager(CONFIG)
+    assert manager.decide(obs(seqs=1, e2e_p95_s=5.0)).max_num_seqs == 1
+    d = EfficiencyManager(CONFIG).decide(obs(seqs=32, e2e_p95_s=0.05, queued=100))
+    assert d.max_num_seqs == 32 and d.action == "hold"
+
+
+def test_a_quiet_period_restores_the_limits() -> None:
+    manager = EfficiencyManager(CONFIG)
+    seqs = 4
+    for _ in range(20):
+        d = manager.decide(obs(seqs=seqs, in_flight=0, queued=0, window_requests=0, e2e_p95_s=0.0))
+        seqs = d.max_num_seqs
+    assert seqs == 32
+
+
+def test_steady_load_settles_without_oscillating() -> None:
+    """A load whose p95 grows with concurrency (25 ms per sequence): the limit settles in the band."""
+    manager = EfficiencyManager(CONFIG)
+    seqs, history = 32, []
+    for _ in range(60):
+        d = manager.decide(obs(seqs=seqs, e2e_p95_s=0.025 * seqs, queued=20))
+        seqs = d.max_num_seqs
+        history.append(seqs)
+    tail = history[-30:]
+    assert len(set(tail)) == 1, history  # no change at all over the last 30 samples
+    assert 0.8 * 0.5 <= 0.025 * tail[0] <= 0.5  # inside the band: 16..20 sequences
+
+
+def test_no_second_decrease_before_the_first_shows() -> None:
+    manager = EfficiencyManager(CONFIG)
+    first = manager.decide(obs(seqs=32, e2e_p95_s=0.9))
+    second = manager.decide(obs(seqs=first.max_num_seqs, e2e_p95_s=0.9))
+    assert (first.action, second.action) == ("decrease", "hold")
+
+
+def test_observing_only_when_efficiency_mode_is_off() -> None:
+    manager = EfficiencyManager(Phi3MiniConfig(efficiency_mode=False))
+    for sample in (obs(e2e_p95_s=5.0), obs(memory_used_mb=4000), obs(seqs=4, queued=50, e2e_p95_s=0.01)):
+        d = manager.decide(sample)
+        assert d.action == "hold" and d.max_num_seqs == sample.max_num_seqs
+    assert not manager.decisions
+
+
+def test_get_optimization_status_is_the_specs_validation_command() -> None:
+    status = EfficiencyManager().get_optimization_status()
+    assert status["efficiency_mode"] is True
+    assert status["memory_optimization"]["enabled"] and "KV cache" in status["memory_optimization"]["effect"]
+    assert status["cpu_optimization"]["enabled"] and "cores" in status["cpu_optimization"]["effect"]
+    assert status["limits"] == {"max_num_seqs": 32, "max_num_batched_tokens": 1024}
+
+
+def test_refusals_are_demand_not_quiet() -> None:
+    manager = EfficiencyManager(CONFIG)
+    d = manager.decide(obs(seqs=8, in_flight=0, queued=0, refused=40, window_requests=50, e2e_p95_s=0.45))
+    assert d.action == "hold" and "quiet" not in d.reason  # busy shedding, and no headroom: hold
+    d = manager.decide(obs(seqs=8, in_flight=0, queued=0, refused=40, window_requests=50, e2e_p95_s=0.1))
+    assert d.action == "increase" and "40 refused" in d.reason

@@ -1,0 +1,173 @@
+"""Admission in the engine worker: limits, FIFO, the token budget, refusals (pure logic, a fake clock)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.engine.admission import Admission, Limits, Refused
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(seqs: int = 2, tokens: int = 100, max_queue: int = 8, shed: bool = False, rps: float | None = None,
+         clock: Clock | None = None) -> Admission:
+    return Admission(Limits(seqs, tokens), max_queue, target_latency_s=0.5, max_rps=rps, shed=shed,
+                     clock=clock or Clock())
+
+
+async def test_admits_up_to_max_num_seqs_then_queues_first_come_first_served() -> None:
+    adm = make(seqs=2)
+    a = await adm.admit(1, 1, 0)
+    b = await adm.admit(1, 1, 0)
+    c = asyncio.ensure_future(adm.admit(1, 1, 0))
+    d = asyncio.ensure_future(adm.admit(1, 1, 0))
+    await asyncio.sleep(0)
+    assert (adm.running, adm.queued) == (2, 2) and not c.done()
+    adm.finish(b, 0.1)
+    await asyncio.sleep(0)
+    assert c.done() and not d.done()  # first come, first served
+    adm.finish(a, 0.1)
+    await asyncio.sleep(0)
+    assert d.done() and adm.queued == 0
+
+
+async def test_token_budget_counts_prompts_until_two_engine_steps_pass() -> None:
+    adm = make(seqs=8, tokens=100)
+    first = await adm.admit(1, 80, 0)
+    waiting = asyncio.ensure_future(adm.admit(1, 50, 0))
+    await asyncio.sleep(0)
+    assert not waiting.done() and adm.tokens == 80
+    adm.step()
+    await asyncio.sleep(0)
+    assert not waiting.done()  # one step: the prefill may still be in flight
+    adm.step()
+    await asyncio.sleep(0)
+    assert waiting.done() and adm.tokens == 1 + 50  # the first is decoding now: one token a step
+    adm.finish(first, 0.1)
+
+
+async def test_a_request_larger_than_the_budget_still_runs_alone() -> None:
+    adm = make(seqs=4, tokens=10)
+    ticket = await asyncio.wait_for(adm.admit(1, 500, 0), 1)
+    assert adm.running == 1
+    adm.finish(ticket, None)
+
+
+async def test_cancelled_waiter_leaves_the_queue_and_the_next_one_moves_up() -> None:
+    adm = make(seqs=1)
+    a = await adm.admit(1, 1, 0)
+    b = asyncio.ensure_future(adm.admit(1, 1, 0))
+    c = asyncio.ensure_future(adm.admit(1, 1, 0))
+    await asyncio.sleep(0)
+    b.cancel()
+    await asyncio.gather(b, return_exceptions=True)
+    assert adm.queued == 1
+    adm.finish(a, 0.1)
+    await asyncio.sleep(0)
+    assert c.done() and adm.running == 1
+
+
+async def test_raising_the_limits_admits_the_waiting_at_once_and_limits_stay_within_ceilings() -> None:
+    adm = make(seqs=4)
+    adm.set_limits(1, 100, "test")
+    await adm.admit(1, 1, 0)
+    waiting = [asyncio.ensure_future(adm.admit(1, 1, 0)) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert adm.queued == 3
+    assert adm.set_limits(99, 10_000, "up") == Limits(4, 100)  # clamped to the ceilings
+    await asyncio.sleep(0)
+    assert all(w.done() for w in waiting)
+    assert adm.set_limits(0, 0, "down") == Limits(1, 1)  # never below 1
+
+
+async def test_full_queue_is_refused() -> None:
+    adm = make(seqs=1, max_queue=2)
+    await adm.admit(1, 1, 0)
+    queued = [asyncio.ensure_future(adm.admit(1, 1, 0)) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(Refused) as info:
+        adm.check()
+    assert info.value.reason == "queue_full" and adm.refused_total["queue_full"] == 1
+    for q in queued:
+        q.cancel()
+    await asyncio.gather(*queued, return_exceptions=True)
+
+
+async def test_estimated_wait_over_the_target_is_refused_only_in_efficiency_mode() -> None:
+    for shed in (True, False):
+        clock = Clock()
+        adm = make(seqs=1, shed=shed, clock=clock)
+        for _ in range(5):  # 5 requests left over 1 s: 4/s
+            t = await adm.admit(1, 1, clock.now)
+            clock.now += 0.25
+            adm.finish(t, 0.1)
+        await adm.admit(1, 1, clock.now)
+        queued = [asyncio.ensure_future(adm.admit(1, 1, clock.now)) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert adm.estimated_wait_s() == pytest.approx(4 / 4.0, rel=0.2)  # 4th in line at 4/s
+        if shed:
+            with pytest.raises(Refused) as info:
+                adm.check()
+            assert info.value.reason == "too_slow" and info.value.retry_after_s >= 0.5
+        else:
+            adm.check()
+        for q in queued:
+            q.cancel()
+        await asyncio.gather(*queued, return_exceptions=True)
+
+
+def test_nothing_queued_is_never_refused_for_slowness() -> None:
+    adm = make(shed=True)
+    adm.check()
+    assert adm.estimated_wait_s() == 0.0
+
+
+def test_token_bucket_caps_requests_per_second() -> None:
+    clock = Clock()
+    adm = make(shed=True, rps=10, clock=clock)
+    for _ in range(10):
+        adm.check()  # a second's worth of burst
+    with pytest.raises(Refused) as info:
+        adm.check()
+    assert info.value.reason == "rate_limit"
+    clock.now += 0.11  # one more token
+    adm.check()
+
+
+async def test_latency_percentiles_cover_the_window_only() -> None:
+    clock = Clock()
+    adm = make(seqs=100, clock=clock)
+    for i in range(20):
+        t = await adm.admit(1, 1, clock.now - 0.01 * (i + 1))
+        adm.finish(t, 0.005)
+    clock.now += 30
+    t = await adm.admit(1, 1, clock.now - 2.0)
+    adm.finish(t, 1.0)
+    ttft50, _, e2e50, e2e95, count = adm.percentiles(10.0)
+    assert count == 1 and e2e50 == pytest.approx(2.0) and ttft50 == 1.0
+    assert adm.percentiles(60.0)[4] == 21
+
+
+async def test_departures_from_long_ago_are_no_evidence_for_refusing() -> None:
+    clock = Clock()
+    adm = make(seqs=1, shed=True, clock=clock)
+    for _ in range(10):
+        t = await adm.admit(1, 1, clock.now)
+        clock.now += 0.25
+        adm.finish(t, 0.1)
+    clock.now += 60  # a quiet minute, then a burst
+    await adm.admit(1, 1, clock.now)
+    queued = [asyncio.ensure_future(adm.admit(1, 1, clock.now)) for _ in range(3)]
+    await asyncio.sleep(0)
+    adm.check()  # not refused: nothing left recently, so the wait is unknown
+    for q in queued:
+        q.cancel()
+    await asyncio.gather(*queued, return_exceptions=True)

@@ -84,12 +84,14 @@ def engine_config() -> Phi3MiniConfig:
     return Phi3MiniConfig()  # the shipped defaults: max_num_seqs 32, max_num_batched_tokens 1024
 
 
-def start_citadel(config: Phi3MiniConfig) -> Server:
-    svc = ServiceProcess(max_num_seqs=str(config.max_num_seqs),
-                         max_num_batched_tokens=str(config.max_num_batched_tokens), log_level="WARNING")
+def start_citadel(config: Phi3MiniConfig, name: str = "citadel", **settings: str) -> Server:
+    """This service with the engine settings of `config`, plus `settings` (PHI_3_MINI_* names)."""
+    svc = ServiceProcess(**{"max_num_seqs": str(config.max_num_seqs),
+                            "max_num_batched_tokens": str(config.max_num_batched_tokens), "log_level": "WARNING",
+                            **settings})
     svc.start()
     assert svc.proc is not None
-    server = Server("citadel", svc.base_url, svc.proc, svc.stop)
+    server = Server(name, svc.base_url, svc.proc, svc.stop)
     server.metrics_url = f"http://127.0.0.1:{svc.metrics_port}/metrics"
     return server
 

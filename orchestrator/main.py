@@ -69,7 +69,7 @@ class Orchestrator:
             log.debug("engine control socket unavailable", error=str(exc))
             self._last = None
         else:
-            report.connected = True
+            report.connected, report.engine_pid = True, self.control.engine_pid
             self._rates(report, stats, used_mb)
             decision = self.manager.decide(Observation(
                 max_num_seqs=stats.max_num_seqs, max_num_batched_tokens=stats.max_num_batched_tokens,

@@ -248,6 +248,7 @@ class EfficiencyReport(msgspec.Struct, kw_only=True):
     interval_s: float
     efficiency_mode: bool
     connected: bool  # the orchestrator reached the engine's control socket this time
+    engine_pid: int = 0  # the engine worker it reached
     processes: list[ProcessSample] = []
     cgroup: CgroupSample | None = None
     system_memory_used_percent: float = 0.0

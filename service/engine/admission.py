@@ -9,8 +9,9 @@ runs, alone.
 
 Limits move at run time (`set_limits`, from the orchestrator) within the ceilings the
 engine was built with. In efficiency mode a new request is refused at once, before it is
-tokenized, when the queue ahead of it would already make it miss the latency target, or
-beyond `max_throughput_rps` (a token bucket).
+tokenized, when the queue ahead of it would already make it miss the latency target (its
+estimated wait is over the target less the mean time in vLLM), or beyond
+`max_throughput_rps` (a token bucket).
 
 Pure logic with an injectable clock: `tests/service/test_admission.py` drives it.
 """
@@ -65,8 +66,6 @@ class TokenBucket:
 
 
 class Admission:
-    DEPARTURES = 64  # finished requests the departure rate is measured over…
-    DEPARTURE_WINDOW_S = 5.0  # …if they left this recently: no evidence, no refusal
     SERVICE_EWMA = 0.1  # weight of the newest request in the mean time from admission to finish
     LATENCIES = 2048  # finished requests kept for latency percentiles
 
@@ -84,7 +83,6 @@ class Admission:
         self._prefilling: list[Ticket] = []
         self._bucket = TokenBucket(max_rps, clock) if max_rps and shed else None
         self._clock = clock
-        self._departures: deque[float] = deque(maxlen=self.DEPARTURES)
         self.service_s = 0.0  # mean time from admission to finish (EWMA)
         self.latencies: deque[tuple[float, float, float]] = deque(maxlen=self.LATENCIES)  # (at, ttft, e2e)
 
@@ -120,25 +118,12 @@ class Admission:
         return max(self.target_latency_s - self.service_s, self.target_latency_s / 4)
 
     def estimated_wait_s(self) -> float:
-        """How long a request arriving now would wait: the queue ahead of it over the rate at
-        which requests have recently left vLLM. 0 when it would be admitted at once, or when
-        too few requests left recently to tell (no evidence, no refusal)."""
+        """How long a request arriving now would wait, by Little's law: the queue ahead of it
+        times the mean time a request spends in vLLM, over the sequences vLLM may run at
+        once. 0 when it would be admitted at once, or before any request has finished."""
         if not self._queue:
             return 0.0
-        rate = self.departure_rate()
-        return 0.0 if rate is None else (len(self._queue) + 1) / rate
-
-    def departure_rate(self) -> float | None:
-        """Requests leaving vLLM per second, over those that left within the window; it falls
-        as time passes without departures."""
-        d = self._departures
-        now = self._clock()
-        while d and d[0] < now - self.DEPARTURE_WINDOW_S:
-            d.popleft()
-        if len(d) < 2:
-            return None
-        span = max(now, d[-1]) - d[0]
-        return (len(d) - 1) / span if span > 0 else None
+        return (len(self._queue) + 1) * self.service_s / self.limits.max_num_seqs
 
     # ---------------------------------------------------------------- admission
     async def admit(self, seqs: int, tokens: int, arrived: float) -> Ticket:
@@ -207,7 +192,6 @@ class Admission:
         self.seqs -= t.seqs
         self.tokens -= t.tokens
         now = self._clock()
-        self._departures.append(now)
         if ttft_s is not None:
             self.latencies.append((now, ttft_s, now - t.arrived))
             served = now - t.admitted

@@ -118,6 +118,16 @@ def test_engine_killed_is_restarted_and_served_again(own_service: ServiceProcess
     new_engine = own_service.children()["engine"]
     assert new_engine.pid != engine.pid
     assert complete(own_service)["choices"]
+    # the orchestrator reconnects to the new worker's control socket by itself
+    wait_for(lambda: orchestrator_engine_pid(own_service) == new_engine.pid, 15, "the orchestrator to reconnect")
+
+
+def orchestrator_engine_pid(svc: ServiceProcess) -> int | None:
+    """The engine worker pid in the orchestrator's last report, if it reached the engine."""
+    with urllib.request.urlopen(svc.base_url + "/efficiency", timeout=10) as resp:
+        doc = json.loads(resp.read())
+    report = doc["orchestrator"] or {}
+    return report.get("engine_pid") if report.get("connected_to_engine") else None
 
 
 def test_gateway_killed_is_restarted(own_service: ServiceProcess) -> None:

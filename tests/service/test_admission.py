@@ -105,14 +105,14 @@ async def test_estimated_wait_over_the_target_is_refused_only_in_efficiency_mode
     for shed in (True, False):
         clock = Clock()
         adm = make(seqs=1, shed=shed, clock=clock)
-        for _ in range(5):  # 5 requests left over 1 s: 4/s
+        for _ in range(5):  # each takes 0.25 s in vLLM, one at a time
             t = await adm.admit(1, 1, clock.now)
             clock.now += 0.25
             adm.finish(t, 0.1)
         await adm.admit(1, 1, clock.now)
         queued = [asyncio.ensure_future(adm.admit(1, 1, clock.now)) for _ in range(3)]
         await asyncio.sleep(0)
-        assert adm.estimated_wait_s() == pytest.approx(4 / 4.0, rel=0.2)  # 4th in line at 4/s
+        assert adm.estimated_wait_s() == pytest.approx(4 * 0.25)  # 4th in line, 0.25 s each
         if shed:
             with pytest.raises(Refused) as info:
                 adm.check()
@@ -156,18 +156,19 @@ async def test_latency_percentiles_cover_the_window_only() -> None:
     assert adm.percentiles(60.0)[4] == 21
 
 
-async def test_departures_from_long_ago_are_no_evidence_for_refusing() -> None:
+async def test_idle_gaps_between_requests_do_not_inflate_the_wait() -> None:
     clock = Clock()
     adm = make(seqs=1, shed=True, clock=clock)
-    for _ in range(10):
+    for _ in range(10):  # quick requests, far apart
         t = await adm.admit(1, 1, clock.now)
-        clock.now += 0.25
-        adm.finish(t, 0.1)
-    clock.now += 60  # a quiet minute, then a burst
+        clock.now += 0.01
+        adm.finish(t, 0.005)
+        clock.now += 4.0
     await adm.admit(1, 1, clock.now)
     queued = [asyncio.ensure_future(adm.admit(1, 1, clock.now)) for _ in range(3)]
     await asyncio.sleep(0)
-    adm.check()  # not refused: nothing left recently, so the wait is unknown
+    assert adm.estimated_wait_s() == pytest.approx(0.04)
+    adm.check()  # not refused: four quick requests ahead
     for q in queued:
         q.cancel()
     await asyncio.gather(*queued, return_exceptions=True)

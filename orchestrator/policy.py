@@ -1,13 +1,18 @@
 """The efficiency policy: steer the engine's admission limits toward the latency and memory
 targets while keeping as much throughput as they allow.
 
+The latency the limits control is a request's time inside vLLM (admission to last token):
+a larger batch makes every step, and so every request, slower. Time spent waiting for
+admission is not theirs to fix (lowering the limits would only lengthen the queue): the
+engine's admission refuses what would wait too long.
+
 AIMD with hysteresis, one decision per sample:
 - decrease (×0.7, at least 1) when memory is at 90 % of its limit or memory pressure
-  stalls tasks, or when p95 end-to-end latency is over `target_latency_ms`;
-- increase (+1/16 of the ceiling) while requests wait or are refused, p95 is under 80 % of
-  the target and memory under 80 %, or when the engine is idle and nothing was refused
-  since the last sample (a quiet period restores the limits);
-- hold in between (the band between 80 % and 100 % of the target), and for two samples
+  stalls tasks, or when the p95 time in vLLM is over 80 % of `target_latency_ms`;
+- increase (+1/16 of the ceiling) while requests wait or are refused, the p95 time in vLLM
+  is under half the target and memory under 80 %, or when the engine is idle and nothing
+  was refused since the last sample (a quiet period restores the limits);
+- hold in between (the band between 50 % and 80 % of the target), and for two samples
   after a decrease, so that the change shows in the latency before the next one.
 The token budget moves with `max_num_seqs` in proportion to the ceilings, never under a
 quarter of its ceiling (a long prompt would otherwise wait for the engine to empty).
@@ -38,16 +43,19 @@ class Observation:
     in_flight: int  # requests in the worker (admitted or queued)
     queued: int  # waiting for admission
     window_requests: int  # requests finished in the latency window
-    e2e_p95_s: float
+    service_p95_s: float  # admission into vLLM -> last token
     memory_used_mb: float
     memory_limit_mb: float
     memory_pressure: float | None = None  # % of time some task stalled on memory (avg10)
     refused: int = 0  # refused by admission since the last sample (demand beyond what was admitted)
+    e2e_p95_s: float = 0.0  # arrival in the worker -> last token (logged, not steered on)
 
 
 class EfficiencyManager:
     DECREASE = 0.7
-    HEADROOM = 0.8  # of the latency target and of the memory limit: room to grow below it
+    SERVICE_SHARE = 0.8  # of the latency target that the time in vLLM may take
+    LATENCY_HEADROOM = 0.5  # of the latency target: room to grow below it
+    HEADROOM = 0.8  # of the memory limit: room to grow below it
     MEMORY_HIGH = 0.9  # of the memory limit: shrink above it
     PRESSURE_STALL = 10.0  # % (PSI some avg10): shrink above it
     COOLDOWN = 2  # samples without an increase (or another decrease) after a decrease
@@ -70,7 +78,8 @@ class EfficiencyManager:
         memory = obs.memory_used_mb / obs.memory_limit_mb if obs.memory_limit_mb > 0 else 0.0
         judged = obs.window_requests >= self.MIN_REQUESTS
         inputs = {"max_num_seqs": seqs, "in_flight": obs.in_flight, "queued": obs.queued, "refused": obs.refused,
-                  "e2e_p95_ms": round(obs.e2e_p95_s * 1000, 1), "target_ms": self.config.target_latency_ms,
+                  "service_p95_ms": round(obs.service_p95_s * 1000, 1), "e2e_p95_ms": round(obs.e2e_p95_s * 1000, 1),
+                  "target_ms": self.config.target_latency_ms,
                   "window_requests": obs.window_requests, "memory_fraction": round(memory, 3),
                   "memory_pressure": -1.0 if obs.memory_pressure is None else obs.memory_pressure}
         demand = ", ".join(part for part in (f"{obs.queued} requests wait" if obs.queued else "",
@@ -84,14 +93,15 @@ class EfficiencyManager:
             action, reason = "decrease", f"memory at {memory:.0%} of its limit"
         elif (obs.memory_pressure or 0.0) >= self.PRESSURE_STALL:
             action, reason = "decrease", f"memory pressure: tasks stalled {obs.memory_pressure:.1f} % of the time"
-        elif judged and obs.e2e_p95_s > self.target_s and not cooling:
-            action, reason = "decrease", (f"p95 latency {obs.e2e_p95_s * 1000:.0f} ms over the "
-                                          f"{self.config.target_latency_ms:g} ms target")
+        elif judged and obs.service_p95_s > self.SERVICE_SHARE * self.target_s and not cooling:
+            action, reason = "decrease", (f"p95 time in the engine {obs.service_p95_s * 1000:.0f} ms over "
+                                          f"{self.SERVICE_SHARE:.0%} of the {self.config.target_latency_ms:g} ms target")
         elif cooling:
             reason = "waiting for the last decrease to show"
-        elif demand and memory < self.HEADROOM and (not judged or obs.e2e_p95_s < self.HEADROOM * self.target_s):
-            action, reason = "increase", (f"{demand}; p95 {obs.e2e_p95_s * 1000:.0f} ms has headroom"
-                                          if judged else demand)
+        elif demand and memory < self.HEADROOM and (
+                not judged or obs.service_p95_s < self.LATENCY_HEADROOM * self.target_s):
+            action, reason = "increase", (f"{demand}; p95 time in the engine {obs.service_p95_s * 1000:.0f} ms "
+                                          "has headroom" if judged else demand)
         elif obs.in_flight == 0 and not obs.refused and seqs < ceil_seqs:
             action, reason = "increase", "quiet: restoring the limits toward the ceilings"
         if action == "decrease":

@@ -192,6 +192,8 @@ class EngineStats(_Msg, tag="stats"):
     ttft_p95_s: float = 0.0
     e2e_p50_s: float = 0.0
     e2e_p95_s: float = 0.0
+    service_p95_s: float = 0.0  # admission into vLLM -> last token: the part the limits control
+    mean_service_s: float = 0.0  # mean time in vLLM (moving average), used for the estimated wait
 
 
 class LimitsSet(_Msg, tag="limitsset"):

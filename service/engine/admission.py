@@ -66,6 +66,7 @@ class TokenBucket:
 
 
 class Admission:
+    MARGIN = 0.8  # of the latency target that the estimated wait and generation may use
     SERVICE_EWMA = 0.1  # weight of the newest request in the mean time from admission to finish
     LATENCIES = 2048  # finished requests kept for latency percentiles
 
@@ -84,7 +85,7 @@ class Admission:
         self._bucket = TokenBucket(max_rps, clock) if max_rps and shed else None
         self._clock = clock
         self.service_s = 0.0  # mean time from admission to finish (EWMA)
-        self.latencies: deque[tuple[float, float, float]] = deque(maxlen=self.LATENCIES)  # (at, ttft, e2e)
+        self.latencies: deque[tuple[float, float, float, float]] = deque(maxlen=self.LATENCIES)  # at, ttft, e2e, service
 
     @property
     def queued(self) -> int:
@@ -113,9 +114,10 @@ class Admission:
         raise Refused(message, reason, retry_after_s)
 
     def wait_allowance_s(self) -> float:
-        """The longest wait that still leaves time to generate within the target (at least a
-        quarter of the target, so that long generations are not all refused)."""
-        return max(self.target_latency_s - self.service_s, self.target_latency_s / 4)
+        """The longest wait that still leaves time to generate within the target, with a
+        margin (the estimate is a mean, the target a 95th percentile); at least a quarter of
+        the target, so that long generations are not all refused."""
+        return max(self.MARGIN * self.target_latency_s - self.service_s, self.target_latency_s / 4)
 
     def estimated_wait_s(self) -> float:
         """How long a request arriving now would wait, by Little's law: the queue ahead of it
@@ -193,8 +195,8 @@ class Admission:
         self.tokens -= t.tokens
         now = self._clock()
         if ttft_s is not None:
-            self.latencies.append((now, ttft_s, now - t.arrived))
             served = now - t.admitted
+            self.latencies.append((now, ttft_s, now - t.arrived, served))
             self.service_s = served if self.service_s == 0.0 else (
                 self.service_s + self.SERVICE_EWMA * (served - self.service_s))
         self._pump()
@@ -209,15 +211,25 @@ class Admission:
         return self.limits
 
     # ---------------------------------------------------------------- reporting
-    def percentiles(self, window_s: float) -> tuple[float, float, float, float, int]:
-        """(ttft p50, ttft p95, e2e p50, e2e p95, count) over requests finished in the last window_s."""
+    def percentiles(self, window_s: float) -> Percentiles:
+        """Latency of the requests finished in the last window_s."""
         since = self._clock() - window_s
-        recent = [(ttft, e2e) for at, ttft, e2e in self.latencies if at >= since]
+        recent = [r for r in self.latencies if r[0] >= since]
         if not recent:
-            return 0.0, 0.0, 0.0, 0.0, 0
-        ttfts = sorted(r[0] for r in recent)
-        e2es = sorted(r[1] for r in recent)
-        return _pct(ttfts, 0.5), _pct(ttfts, 0.95), _pct(e2es, 0.5), _pct(e2es, 0.95), len(recent)
+            return Percentiles()
+        ttft, e2e, service = (sorted(r[i] for r in recent) for i in (1, 2, 3))
+        return Percentiles(len(recent), _pct(ttft, 0.5), _pct(ttft, 0.95), _pct(e2e, 0.5), _pct(e2e, 0.95),
+                           _pct(service, 0.95))
+
+
+@dataclass(frozen=True)
+class Percentiles:
+    count: int = 0
+    ttft_p50_s: float = 0.0
+    ttft_p95_s: float = 0.0
+    e2e_p50_s: float = 0.0  # arrival in the worker -> last token
+    e2e_p95_s: float = 0.0
+    service_p95_s: float = 0.0  # admission into vLLM -> last token: what the limits control
 
 
 def _pct(values: list[float], q: float) -> float:

@@ -266,7 +266,7 @@ class EngineServer:
     def stats(self, rid: int, window_s: float = 10.0) -> p.EngineStats:
         sched, counters, adm = self.scheduler, self.counters, self.admission
         idle = not self._tasks
-        ttft50, ttft95, e2e50, e2e95, count = adm.percentiles(window_s)
+        pct = adm.percentiles(window_s)
         return p.EngineStats(
             rid=rid,
             running=0 if idle else sched.running,
@@ -288,8 +288,9 @@ class EngineServer:
             admitted_total=adm.admitted_total,
             refused_total=dict(adm.refused_total),
             estimated_wait_s=min(adm.estimated_wait_s(), 3600.0),
-            window_requests=count,
-            ttft_p50_s=ttft50, ttft_p95_s=ttft95, e2e_p50_s=e2e50, e2e_p95_s=e2e95,
+            window_requests=pct.count, ttft_p50_s=pct.ttft_p50_s, ttft_p95_s=pct.ttft_p95_s,
+            e2e_p50_s=pct.e2e_p50_s, e2e_p95_s=pct.e2e_p95_s, service_p95_s=pct.service_p95_s,
+            mean_service_s=adm.service_s,
         )
 
     async def drain(self, timeout_s: float) -> None:

@@ -55,6 +55,7 @@ async def efficiency_document(app: web.Application) -> dict[str, Any]:
         doc["latency"] = {
             "target_ms": config.target_latency_ms, "window_s": window_s, "requests": stats.window_requests,
             "e2e_p50_ms": _ms(stats.e2e_p50_s), "e2e_p95_ms": _ms(stats.e2e_p95_s),
+            "engine_p95_ms": _ms(stats.service_p95_s), "engine_mean_ms": _ms(stats.mean_service_s),
             "ttft_p50_ms": _ms(stats.ttft_p50_s), "ttft_p95_ms": _ms(stats.ttft_p95_s),
             "within_target": stats.window_requests == 0 or stats.e2e_p95_s * 1000 <= config.target_latency_ms,
         }
@@ -117,7 +118,8 @@ async def efficiency_metrics(request: web.Request) -> web.Response:
         lat = doc["latency"]
         gauge("latency_ms", "Recent latency percentiles, arrival in the worker to last token",
               [({"quantile": q, "kind": kind}, lat[f"{kind}_p{q[2:] if q != '0.5' else '50'}_ms"])
-               for kind in ("e2e", "ttft") for q in ("0.5", "0.95")])
+               for kind in ("e2e", "ttft") for q in ("0.5", "0.95")]
+              + [({"quantile": "0.95", "kind": "engine"}, lat["engine_p95_ms"])])
         gauge("latency_target_ms", "The latency target", [({}, lat["target_ms"])])
         gauge("refused", "Requests refused by the engine's admission, by reason",
               [({"reason": k}, v) for k, v in doc["refused"]["engine"].items()])

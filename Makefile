@@ -52,6 +52,7 @@ bench: install demo-model tools
 	$(PY) benchmarks/ab_compare.py --rounds 3
 	$(PY) benchmarks/compare.py --rounds 3
 	$(PY) benchmarks/spec_checks.py
+	$(PY) benchmarks/goodput.py --rounds 3
 
 clean:
 	rm -rf $(VENV) $(DEMO_MODEL) *.egg-info

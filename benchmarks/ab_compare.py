@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from servers import engine_config, start_citadel, start_vllm, wait_quiet  # noqa: E402
+from servers import CAPACITY, engine_config, start_citadel, start_vllm, wait_quiet  # noqa: E402
 
 
 def run_ab(url: str, payload: Path, requests: int, concurrency: int) -> dict[str, float]:
@@ -46,7 +46,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="citadel-ab-"))
     payload = work / "payload.json"
     payload.write_text(json.dumps({"prompt": "Performance test", "max_tokens": args.max_tokens}))
-    servers = {"citadel": start_citadel(config), "vllm": start_vllm(config, work / "vllm.log")}
+    servers = {"citadel": start_citadel(config, **CAPACITY), "vllm": start_vllm(config, work / "vllm.log")}
     results: dict[str, list[dict[str, float]]] = {"citadel": [], "vllm": []}
     try:
         for server in servers.values():

@@ -22,7 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loadgen import Load, run  # noqa: E402
-from servers import ROOT, Server, engine_config, start_citadel, start_vllm, wait_quiet  # noqa: E402
+from servers import CAPACITY, ROOT, Server, engine_config, start_citadel, start_vllm, wait_quiet  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SWEEP = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -95,7 +95,7 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     config = engine_config()
     work = Path(tempfile.mkdtemp(prefix="citadel-bench-"))
-    servers: dict[str, Server] = {"citadel": start_citadel(config), "vllm": start_vllm(config, work / "vllm.log")}
+    servers: dict[str, Server] = {"citadel": start_citadel(config, **CAPACITY), "vllm": start_vllm(config, work / "vllm.log")}
     report: dict[str, Any] = {"rounds": args.rounds, "loads": {}}
     try:
         for server in servers.values():

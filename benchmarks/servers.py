@@ -84,6 +84,11 @@ def engine_config() -> Phi3MiniConfig:
     return Phi3MiniConfig()  # the shipped defaults: max_num_seqs 32, max_num_batched_tokens 1024
 
 
+# Throughput against throughput: the same fixed limits as vLLM's server and no load shedding
+# (efficiency mode refuses, with 429, what would miss target_latency_ms; goodput.py measures that).
+CAPACITY = {"efficiency_mode": "false"}
+
+
 def start_citadel(config: Phi3MiniConfig, name: str = "citadel", **settings: str) -> Server:
     """This service with the engine settings of `config`, plus `settings` (PHI_3_MINI_* names)."""
     svc = ServiceProcess(**{"max_num_seqs": str(config.max_num_seqs),

@@ -44,8 +44,15 @@ def _title(role: str) -> None:
         pass
 
 
+# Processes that never import vLLM or transformers. structlog imports rich (and pygments),
+# ~5 MB per process, for tracebacks it renders only on a terminal; these do without.
+_LIGHT_ROLES = frozenset({"serve", "gateway", "orchestrator"})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in _LIGHT_ROLES and "rich" not in sys.modules:
+        sys.modules["rich"] = None  # type: ignore[assignment]  # `import rich` now fails: structlog goes without
     from shared.config import ConfigError, load_config, to_sections
     from shared.logging import configure_logging
 

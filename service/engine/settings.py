@@ -114,12 +114,8 @@ def prepare_environment(config: Phi3MiniConfig, cpu: bool) -> dict[str, str]:
         # glibc makes an arena per thread; vLLM's processes run dozens of threads, and the
         # arenas hold freed memory. Two are enough here and keep RSS down.
         "MALLOC_ARENA_MAX": "2",
-        # …and give freed memory back: glibc raises its trim and mmap thresholds as large
-        # blocks are freed, after which freed memory stays in the heap. Fixed thresholds keep
-        # the EngineCore (which inherits this environment) ~35 MB smaller under load.
-        "MALLOC_TRIM_THRESHOLD_": "131072",
-        "MALLOC_MMAP_THRESHOLD_": "131072",
-    }
+        # (Fixed MALLOC_TRIM_THRESHOLD_/MALLOC_MMAP_THRESHOLD_ were tried: no lower peak RSS
+        # and 8-9 % fewer requests/s, every 128 KiB tensor becoming an mmap.)
     if cpu:
         cpus = engine_cpu_list(config)
         env["OMP_NUM_THREADS"] = str(len(cpus))

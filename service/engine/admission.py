@@ -4,8 +4,8 @@ At most `max_num_seqs` sequences and `max_num_batched_tokens` tokens are in flig
 the rest wait here, first come first served, in a queue of at most `max_queue`. Tokens
 count as vLLM's per-step budget does: a request weighs its prompt tokens (the prefill it
 adds to a batch) until two engine steps after its admission (vLLM reports each step), then
-one token per sequence (a decode step each). A request larger than the whole budget still
-runs, alone.
+one token per sequence (a decode step each). A prompt larger than the whole budget goes in
+when no other prompt is being prefilled.
 
 Limits move at run time (`set_limits`, from the orchestrator) within the ceilings the
 engine was built with. In efficiency mode a new request is refused at once, before it is
@@ -150,8 +150,11 @@ class Admission:
     def _fits(self, t: Ticket) -> bool:
         if self.running == 0:
             return True
-        return (self.seqs + t.seqs <= self.limits.max_num_seqs
-                and self.tokens + t.tokens <= self.limits.max_num_batched_tokens)
+        budget = self.limits.max_num_batched_tokens
+        if self.seqs + t.seqs > self.limits.max_num_seqs:
+            return False
+        # A prompt larger than the whole budget goes in when no other prompt is being prefilled.
+        return self.tokens + t.tokens <= budget or (t.tokens > budget and not self._prefilling)
 
     def _start(self, t: Ticket) -> None:
         t.started = True

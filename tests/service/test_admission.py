@@ -54,11 +54,27 @@ async def test_token_budget_counts_prompts_until_two_engine_steps_pass() -> None
     adm.finish(first, 0.1)
 
 
-async def test_a_request_larger_than_the_budget_still_runs_alone() -> None:
-    adm = make(seqs=4, tokens=10)
-    ticket = await asyncio.wait_for(adm.admit(1, 500, 0), 1)
+async def test_a_prompt_larger_than_the_budget_goes_in_when_no_other_prompt_is_prefilled() -> None:
+    adm = make(seqs=4, tokens=100)
+    ticket = await asyncio.wait_for(adm.admit(1, 500, 0), 1)  # alone: at once
     assert adm.running == 1
-    adm.finish(ticket, None)
+    small = asyncio.ensure_future(adm.admit(1, 50, 0))
+    await asyncio.sleep(0)
+    assert not small.done()  # the big prompt is being prefilled
+    adm.step()
+    adm.step()
+    await asyncio.sleep(0)
+    assert small.done()
+    big = asyncio.ensure_future(adm.admit(1, 800, 0))
+    await asyncio.sleep(0)
+    assert not big.done()  # the small prompt is being prefilled
+    adm.step()
+    adm.step()
+    await asyncio.sleep(0)
+    assert big.done() and adm.running == 3  # beside two decoding requests
+    for t in (ticket, small.result(), big.result()):
+        adm.finish(t, None)
+    assert (adm.running, adm.tokens, adm.seqs) == (0, 0, 0)
 
 
 async def test_cancelled_waiter_leaves_the_queue_and_the_next_one_moves_up() -> None:

@@ -178,7 +178,7 @@ class EngineStats(_Msg, tag="stats"):
     engine_core_pids: list[int] = []  # vLLM's own processes under the worker
     seconds_since_output: float = 0.0  # how long ago the engine last produced a token
     # admission (service/engine/admission.py)
-    queued: int = 0  # requests waiting in the worker for admission into vLLM
+    queued: int = 0  # sequences waiting: for admission here, and in vLLM's queue beyond max_num_seqs
     tokens_in_flight: int = 0
     max_num_seqs_ceiling: int = 0
     max_num_batched_tokens_ceiling: int = 0

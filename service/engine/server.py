@@ -170,6 +170,7 @@ class EngineServer:
         arrived = time.monotonic()
         ticket: Ticket | None = None
         ttft: float | None = None
+        running_s: float | None = None  # vLLM's own: scheduled -> last token
         finished = False
         try:
             self.admission.check()  # before tokenizing: refusing must be the cheapest answer
@@ -202,6 +203,8 @@ class EngineServer:
                 if out.finished:
                     finished = True
                     m = out.metrics
+                    if m is not None and m.scheduled_ts and m.last_token_ts >= m.scheduled_ts:
+                        running_s = m.last_token_ts - m.scheduled_ts
                     if m is not None and m.first_token_ts:
                         conn.send(p.Output(rid, choices, True, len(ids), m.first_token_latency,
                                            max(m.last_token_ts - m.first_token_ts, 0.0)))
@@ -235,7 +238,7 @@ class EngineServer:
         finally:
             conn.requests.pop(rid, None)
             if ticket is not None:
-                self.admission.finish(ticket, ttft if finished else None)
+                self.admission.finish(ticket, ttft if finished else None, running_s)
 
     def _count(self, prompt_tokens: int, generated: int) -> None:
         counters = self.counters
@@ -280,7 +283,7 @@ class EngineServer:
             requests_finished_total=counters.requests_finished,
             engine_core_pids=_child_pids(),
             seconds_since_output=time.monotonic() - max(self.last_output, sched.last_step),
-            queued=adm.queued,
+            queued=adm.backlog,
             tokens_in_flight=adm.tokens,
             max_num_seqs_ceiling=adm.ceilings.max_num_seqs,
             max_num_batched_tokens_ceiling=adm.ceilings.max_num_batched_tokens,

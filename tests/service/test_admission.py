@@ -19,8 +19,11 @@ class Clock:
 
 def make(seqs: int = 2, tokens: int = 100, max_queue: int = 8, shed: bool = False, rps: float | None = None,
          clock: Clock | None = None) -> Admission:
-    return Admission(Limits(seqs, tokens), max_queue, target_latency_s=0.5, max_rps=rps, shed=shed,
-                     clock=clock or Clock())
+    """Limits below the ceilings (the engine's), as the orchestrator sets them."""
+    adm = Admission(Limits(64, 4096), max_queue, target_latency_s=0.5, max_rps=rps, shed=shed,
+                    clock=clock or Clock())
+    adm.set_limits(seqs, tokens, "test")
+    return adm
 
 
 async def test_admits_up_to_max_num_seqs_then_queues_first_come_first_served() -> None:
@@ -98,7 +101,7 @@ async def test_raising_the_limits_admits_the_waiting_at_once_and_limits_stay_wit
     waiting = [asyncio.ensure_future(adm.admit(1, 1, 0)) for _ in range(3)]
     await asyncio.sleep(0)
     assert adm.queued == 3
-    assert adm.set_limits(99, 10_000, "up") == Limits(4, 100)  # clamped to the ceilings
+    assert adm.set_limits(99, 10_000, "up") == Limits(64, 4096)  # clamped to the ceilings
     await asyncio.sleep(0)
     assert all(w.done() for w in waiting)
     assert adm.set_limits(0, 0, "down") == Limits(1, 1)  # never below 1
@@ -190,3 +193,16 @@ async def test_idle_gaps_between_requests_do_not_inflate_the_wait() -> None:
     for q in queued:
         q.cancel()
     await asyncio.gather(*queued, return_exceptions=True)
+
+
+async def test_at_the_ceilings_requests_pass_through_to_vllms_own_queue() -> None:
+    clock = Clock()
+    adm = Admission(Limits(2, 100), 8, target_latency_s=0.5, max_rps=None, shed=True, clock=clock)
+    t = await adm.admit(1, 1, clock.now)
+    clock.now += 0.2
+    adm.finish(t, 0.05, running_s=0.2)
+    tickets = [await asyncio.wait_for(adm.admit(1, 1, clock.now), 1) for _ in range(5)]  # none held here
+    assert (adm.running, adm.queued, adm.backlog) == (5, 0, 3)  # vLLM runs 2, 3 wait in its queue
+    assert adm.estimated_wait_s() == pytest.approx(4 * 0.2 / 2)
+    for t in tickets:
+        adm.finish(t, None)

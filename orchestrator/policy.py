@@ -128,25 +128,31 @@ class EfficiencyManager:
     # ---------------------------------------------------------------- status
     def get_optimization_status(self) -> dict[str, Any]:
         """What the efficiency settings do on this instance, and where the limits stand."""
-        c = self.config
         return {
-            "efficiency_mode": c.efficiency_mode,
-            "steering": "adaptive admission limits (AIMD on p95 latency and memory)" if c.efficiency_mode
-                        else "off: the limits stay at the configured ceilings; the orchestrator only observes",
-            "memory_optimization": {
-                "enabled": c.memory_optimization,
-                "effect": (f"KV cache sized to fit memory_gb={c.memory_gb:g} beside the weights"
-                           if c.memory_optimization else "KV cache sized by vLLM's gpu_memory_utilization rule"),
-            },
-            "cpu_optimization": {
-                "enabled": c.cpu_optimization,
-                "effect": (f"engine threads bound to {max(c.cpu_cores - 1, 1)} of the {c.cpu_cores} allotted cores"
-                           if c.cpu_optimization else "engine threads left to the OS scheduler"),
-            },
-            "max_throughput_rps": c.max_throughput_rps if c.efficiency_mode else None,
-            "target_latency_ms": c.target_latency_ms,
-            "memory_gb": c.memory_gb,
+            **optimization_settings(self.config),
             "limits": {"max_num_seqs": self.limits[0], "max_num_batched_tokens": self.limits[1]},
             "ceilings": {"max_num_seqs": self.ceilings[0], "max_num_batched_tokens": self.ceilings[1]},
             "decisions": len(self.decisions),
         }
+
+
+def optimization_settings(c: Phi3MiniConfig) -> dict[str, Any]:
+    """What the efficiency settings switch on, from the configuration alone."""
+    return {
+        "efficiency_mode": c.efficiency_mode,
+        "steering": "adaptive admission limits (AIMD on the p95 time in the engine, and memory)" if c.efficiency_mode
+                    else "off: the limits stay at the configured ceilings; the orchestrator only observes",
+        "memory_optimization": {
+            "enabled": c.memory_optimization,
+            "effect": (f"KV cache sized to fit memory_gb={c.memory_gb:g} beside the weights"
+                       if c.memory_optimization else "KV cache sized by vLLM's gpu_memory_utilization rule"),
+        },
+        "cpu_optimization": {
+            "enabled": c.cpu_optimization,
+            "effect": (f"engine threads bound to {max(c.cpu_cores - 1, 1)} of the {c.cpu_cores} allotted cores"
+                       if c.cpu_optimization else "engine threads left to the OS scheduler"),
+        },
+        "max_throughput_rps": c.max_throughput_rps if c.efficiency_mode else None,
+        "target_latency_ms": c.target_latency_ms,
+        "memory_gb": c.memory_gb,
+    }

@@ -8,11 +8,11 @@ import time
 from aiohttp import web
 
 from service.gateway import schemas as s
-from service.gateway.common import (ENGINE_ERRORS, check_model, decode_body, encode, end_stream,
-                                    end_stream_with_error, engine_error, finish, request_record, sampling_spec,
-                                    sse, start_sse)
+from service.gateway.common import (ENGINE_ERRORS, check_model, complete, decode_body, encode, end_stream,
+                                    end_stream_with_error, finish, request_record, sampling_spec, sse, start_sse,
+                                    stream)
 from service.gateway.errors import ApiError
-from service.gateway.keys import CLIENT, CONFIG, RECORD, REQUEST_ID
+from service.gateway.keys import RECORD, REQUEST_ID
 from service.gateway.metrics import RequestRecord
 from service.gateway.slow_clients import EventStream
 from shared import protocol as p
@@ -42,15 +42,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     model = check_model(request, req.model)
     params = _params(req)
     chat = [p.ChatMessage(m.role, m.content) for m in req.messages]
-    client = request.app[CLIENT]
-    timeout_s = request.app[CONFIG].request_timeout_s
     request_id = request[REQUEST_ID]
     if req.stream:
-        return await _stream(request, req, model, chat, params, request_id, timeout_s)
-    try:
-        (out,) = await client.complete([""], params, request_id, timeout_s, chat=chat)
-    except ENGINE_ERRORS as exc:
-        raise engine_error(exc) from None
+        return await _stream(request, req, model, chat, params, request_id)
+    (out,) = await complete(request, [""], params, chat=chat)
     choices = [s.ChatChoice(c.index, s.ChatMessageOut("assistant", c.text), _logprobs(c), finish(c.finish_reason))
                for c in out.choices]
     completion_tokens = sum(c.tokens for c in out.choices)
@@ -62,10 +57,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream(request: web.Request, req: s.ChatCompletionRequest, model: str, chat: list[p.ChatMessage],
-                  params: p.SamplingSpec, request_id: str, timeout_s: float) -> web.StreamResponse:
+                  params: p.SamplingSpec, request_id: str) -> web.StreamResponse:
     created = int(time.time())
     cid = f"chatcmpl-{request_id}"
-    stream = request.app[CLIENT].stream([""], params, request_id, timeout_s, chat=chat)
+    deltas = stream(request, [""], params, chat=chat)
     events: EventStream | None = None
     record = request[RECORD] = RequestRecord()
     finals: list[p.Output] = []
@@ -74,7 +69,7 @@ async def _stream(request: web.Request, req: s.ChatCompletionRequest, model: str
         return sse(encode(s.ChatCompletionChunk(id=cid, created=created, model=model, choices=choices, usage=usage)))
 
     try:
-        async for _, out in stream:
+        async for _, out in deltas:
             if events is None:
                 events = await start_sse(request, request_id)
                 # OpenAI's first chunk carries the role of every choice.
@@ -91,7 +86,7 @@ async def _stream(request: web.Request, req: s.ChatCompletionRequest, model: str
     except ENGINE_ERRORS as exc:
         return await end_stream_with_error(events, exc)
     finally:
-        await stream.aclose()
+        await deltas.aclose()
     assert events is not None
     include_usage = req.stream_options is not None and req.stream_options.include_usage
     return await end_stream(events, record, finals, (lambda usage: chunk([], usage)) if include_usage else None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -14,7 +14,7 @@ from aiohttp import web
 from service.gateway import schemas as s
 from service.gateway.engine_client import DeadlineExceeded, EngineUnavailable, RequestFailed
 from service.gateway.errors import ApiError, error_body, from_validation
-from service.gateway.keys import CLIENT, CONFIG, DRAINING, HEALTH
+from service.gateway.keys import CLIENT, CONFIG, DRAINING, HEALTH, REQUEST_ID
 from service.gateway.metrics import RequestRecord
 from service.gateway.slow_clients import EventStream
 from shared import protocol as p
@@ -88,6 +88,24 @@ def sampling_spec(req: s.SamplingFields, max_tokens: int | None, logprobs: int |
         frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
         min_tokens=req.min_tokens, min_p=req.min_p, logprobs=logprobs, logit_bias=bias,
     )
+
+
+async def complete(request: web.Request, prompts: Sequence[str | list[int]], params: p.SamplingSpec,
+                   **kwargs: Any) -> list[p.Output]:
+    """The engine's final output per prompt, under the request's deadline; engine errors
+    as OpenAI errors."""
+    try:
+        return await request.app[CLIENT].complete(prompts, params, request[REQUEST_ID],
+                                                  request.app[CONFIG].request_timeout_s, **kwargs)
+    except ENGINE_ERRORS as exc:
+        raise engine_error(exc) from None
+
+
+def stream(request: web.Request, prompts: Sequence[str | list[int]], params: p.SamplingSpec,
+           **kwargs: Any) -> AsyncIterator[tuple[int, p.Output]]:
+    """The engine's deltas per prompt, under the request's deadline (ENGINE_ERRORS raised)."""
+    return request.app[CLIENT].stream(prompts, params, request[REQUEST_ID], request.app[CONFIG].request_timeout_s,
+                                      **kwargs)
 
 
 def engine_error(exc: Exception) -> ApiError:

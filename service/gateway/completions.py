@@ -7,11 +7,11 @@ import time
 from aiohttp import web
 
 from service.gateway import schemas as s
-from service.gateway.common import (ENGINE_ERRORS, check_model, decode_body, encode, end_stream,
-                                    end_stream_with_error, engine_error, finish, request_record, sampling_spec,
-                                    sse, start_sse)
+from service.gateway.common import (ENGINE_ERRORS, check_model, complete, decode_body, encode, end_stream,
+                                    end_stream_with_error, finish, request_record, sampling_spec, sse, start_sse,
+                                    stream)
 from service.gateway.errors import ApiError
-from service.gateway.keys import CLIENT, CONFIG, RECORD, REQUEST_ID
+from service.gateway.keys import RECORD, REQUEST_ID
 from service.gateway.metrics import RequestRecord
 from service.gateway.slow_clients import EventStream
 from shared import protocol as p
@@ -51,15 +51,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
     model = check_model(request, req.model)
     prompts = _prompts(req)
     params = sampling_spec(req, req.max_tokens, req.logprobs)
-    client = request.app[CLIENT]
-    timeout_s = request.app[CONFIG].request_timeout_s
     request_id = request[REQUEST_ID]
     if req.stream:
-        return await _stream(request, req, model, prompts, params, request_id, timeout_s)
-    try:
-        outputs = await client.complete(prompts, params, request_id, timeout_s, echo=req.echo)
-    except ENGINE_ERRORS as exc:
-        raise engine_error(exc) from None
+        return await _stream(request, req, model, prompts, params, request_id)
+    outputs = await complete(request, prompts, params, echo=req.echo)
     n = params.n
     choices = [
         s.CompletionChoice(i * n + c.index, c.text, _logprobs(c, 0), finish(c.finish_reason))
@@ -76,17 +71,17 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream(request: web.Request, req: s.CompletionRequest, model: str, prompts: list[str | list[int]],
-                  params: p.SamplingSpec, request_id: str, timeout_s: float) -> web.StreamResponse:
+                  params: p.SamplingSpec, request_id: str) -> web.StreamResponse:
     n = params.n
     created = int(time.time())
     cid = f"cmpl-{request_id}"
-    stream = request.app[CLIENT].stream(prompts, params, request_id, timeout_s, echo=req.echo)
+    deltas = stream(request, prompts, params, echo=req.echo)
     events: EventStream | None = None
     record = request[RECORD] = RequestRecord()
     finals: list[p.Output] = []
     offsets: dict[int, int] = {}
     try:
-        async for index, out in stream:
+        async for index, out in deltas:
             if events is None:  # errors before the first token are still plain JSON errors
                 events = await start_sse(request, request_id)
             record.completion_tokens += sum(c.tokens for c in out.choices)
@@ -104,7 +99,7 @@ async def _stream(request: web.Request, req: s.CompletionRequest, model: str, pr
     except ENGINE_ERRORS as exc:
         return await end_stream_with_error(events, exc)
     finally:
-        await stream.aclose()
+        await deltas.aclose()
     assert events is not None
     include_usage = req.stream_options is not None and req.stream_options.include_usage
 

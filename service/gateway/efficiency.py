@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from orchestrator.policy import EfficiencyManager
+from orchestrator.policy import optimization_settings
 from service.gateway.engine_client import EngineUnavailable
 from service.gateway.keys import CLIENT, CONFIG, METRICS
 from shared import protocol as p
@@ -39,7 +39,7 @@ async def efficiency_document(app: web.Application) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "efficiency_mode": config.efficiency_mode,
         "engine_connected": stats is not None,
-        "optimizations": EfficiencyManager(config).get_optimization_status(),
+        "optimizations": optimization_settings(config),  # the limits in force are under "limits"
     }
     gateway_refused = {labels["reason"]: int(value) for labels, value in app[METRICS].refused.get_all()}
     if stats is not None:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
+from orchestrator.control import ControlClient
 from tests.helpers import ServiceProcess, wait_for
 
 pytestmark = pytest.mark.integration
@@ -122,12 +123,34 @@ async def test_rate_cap_refuses_beyond_max_throughput_rps(steered: ServiceProces
     assert efficiency(steered)["refused"]["engine"]["rate_limit"] > before
 
 
+async def _set_limits(svc: ServiceProcess, max_num_seqs: int) -> int:
+    control = ControlClient(svc.runtime_dir / "control.sock")
+    try:
+        return (await control.set_limits(max_num_seqs, 512, "test")).max_num_seqs
+    finally:
+        control.close()
+
+
 def test_limits_outlive_the_orchestrator_and_a_new_one_reconnects(steered: ServiceProcess) -> None:
-    orchestrator = steered.children()["orchestrator"]
-    limits = efficiency(steered)["limits"]
-    orchestrator.kill()
-    assert efficiency(steered)["limits"] == limits  # the engine keeps what it was given
+    orchestrator, engine = steered.children()["orchestrator"], steered.children()["engine"]
+    orchestrator.suspend()  # SIGSTOP: nothing steers from here on
+    try:
+        assert asyncio.run(_set_limits(steered, 5)) == 5
+        time.sleep(2.0)  # four of the orchestrator's intervals
+        assert efficiency(steered)["limits"]["max_num_seqs"] == 5  # the engine keeps what it was given
+        assert complete_ok(steered)
+    finally:
+        orchestrator.kill()
     wait_for(lambda: steered.children().get("orchestrator") is not None
              and steered.children()["orchestrator"].pid != orchestrator.pid, 20, "a new orchestrator")
-    wait_for(lambda: (efficiency(steered)["orchestrator"] or {}).get("report_age_s", 99) < 2
-             and efficiency(steered)["orchestrator"]["connected_to_engine"], 20, "the new one to report")
+    wait_for(lambda: (efficiency(steered)["orchestrator"] or {}).get("engine_pid") == engine.pid
+             and efficiency(steered)["orchestrator"]["report_age_s"] < 2, 20, "the new one to reach the engine")
+    # …and to steer it: the engine is quiet, so the limit goes back up to its ceiling
+    wait_for(lambda: efficiency(steered)["limits"]["max_num_seqs"] == CEILING, 20, "the limit to be restored")
+
+
+def complete_ok(svc: ServiceProcess) -> bool:
+    req = urllib.request.Request(svc.base_url + "/v1/completions", data=json.dumps({"prompt": "x", "max_tokens": 2}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return resp.status == 200 and bool(json.loads(resp.read())["choices"])

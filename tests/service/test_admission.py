@@ -26,6 +26,19 @@ def make(seqs: int = 2, tokens: int = 100, max_queue: int = 8, shed: bool = Fals
     return adm
 
 
+async def engine_steps(adm: Admission, n: int) -> None:
+    """vLLM reports n engine steps; the waiters admitted by them run."""
+    for _ in range(n):
+        adm.step()
+    await asyncio.sleep(0)
+
+
+async def cancel(waiting: list[asyncio.Future]) -> None:
+    for w in waiting:
+        w.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+
+
 async def test_admits_up_to_max_num_seqs_then_queues_first_come_first_served() -> None:
     adm = make(seqs=2)
     a = await adm.admit(1, 1, 0)
@@ -48,11 +61,9 @@ async def test_token_budget_counts_prompts_until_two_engine_steps_pass() -> None
     waiting = asyncio.ensure_future(adm.admit(1, 50, 0))
     await asyncio.sleep(0)
     assert not waiting.done() and adm.tokens == 80
-    adm.step()
-    await asyncio.sleep(0)
+    await engine_steps(adm, 1)
     assert not waiting.done()  # one step: the prefill may still be in flight
-    adm.step()
-    await asyncio.sleep(0)
+    await engine_steps(adm, 1)
     assert waiting.done() and adm.tokens == 1 + 50  # the first is decoding now: one token a step
     adm.finish(first, 0.1)
 
@@ -64,16 +75,12 @@ async def test_a_prompt_larger_than_the_budget_goes_in_when_no_other_prompt_is_p
     small = asyncio.ensure_future(adm.admit(1, 50, 0))
     await asyncio.sleep(0)
     assert not small.done()  # the big prompt is being prefilled
-    adm.step()
-    adm.step()
-    await asyncio.sleep(0)
+    await engine_steps(adm, 2)
     assert small.done()
     big = asyncio.ensure_future(adm.admit(1, 800, 0))
     await asyncio.sleep(0)
     assert not big.done()  # the small prompt is being prefilled
-    adm.step()
-    adm.step()
-    await asyncio.sleep(0)
+    await engine_steps(adm, 2)
     assert big.done() and adm.running == 3  # beside two decoding requests
     for t in (ticket, small.result(), big.result()):
         adm.finish(t, None)
@@ -115,9 +122,7 @@ async def test_full_queue_is_refused() -> None:
     with pytest.raises(Refused) as info:
         adm.check()
     assert info.value.reason == "queue_full" and adm.refused_total["queue_full"] == 1
-    for q in queued:
-        q.cancel()
-    await asyncio.gather(*queued, return_exceptions=True)
+    await cancel(queued)
 
 
 async def test_estimated_wait_over_the_target_is_refused_only_in_efficiency_mode() -> None:
@@ -138,9 +143,7 @@ async def test_estimated_wait_over_the_target_is_refused_only_in_efficiency_mode
             assert info.value.reason == "too_slow" and info.value.retry_after_s >= 0.5
         else:
             adm.check()
-        for q in queued:
-            q.cancel()
-        await asyncio.gather(*queued, return_exceptions=True)
+        await cancel(queued)
 
 
 def test_nothing_queued_is_never_refused_for_slowness() -> None:
@@ -190,9 +193,7 @@ async def test_idle_gaps_between_requests_do_not_inflate_the_wait() -> None:
     await asyncio.sleep(0)
     assert adm.estimated_wait_s() == pytest.approx(0.04)
     adm.check()  # not refused: four quick requests ahead
-    for q in queued:
-        q.cancel()
-    await asyncio.gather(*queued, return_exceptions=True)
+    await cancel(queued)
 
 
 async def test_at_the_ceilings_requests_pass_through_to_vllms_own_queue() -> None:

@@ -6,6 +6,12 @@ import argparse
 import os
 import sys
 
+from service.engine.lean_imports import skip_unused_modules
+
+# vLLM's EngineCore is a spawned child that runs this module (the main module of the engine
+# worker, or imported by the console script) before it imports vLLM: keep out what it won't use.
+skip_unused_modules()
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="citadel-llm", description="Efficient Phi-3-mini serving on vLLM")
@@ -121,3 +127,7 @@ def _model_command(args: argparse.Namespace, config: object) -> int:
         return 1
     print(f"{model_dir}: OK")
     return 0
+
+
+if __name__ == "__main__":  # `python -m service.cli ROLE`, as `serve` starts its children
+    raise SystemExit(main())

@@ -58,7 +58,8 @@ class Child:
 
 
 def child_argv(role: str, config_path: str | None) -> list[str]:
-    argv = [sys.executable, "-m", "service", role]
+    # service.cli as the main module: vLLM's spawned EngineCore runs it again (see lean_imports)
+    argv = [sys.executable, "-m", "service.cli", role]
     if config_path:
         argv += ["--config", config_path]
     return argv

@@ -35,8 +35,11 @@ PARENT_POLL_S = 1.0
 def run_engine(config: Phi3MiniConfig) -> int:
     from service.engine import settings
 
+    from service.engine.lean_imports import skip_unused_modules
+
     cpu = _cpu_host()
     os.environ.update(settings.prepare_environment(config, cpu))
+    skip_unused_modules()  # before vLLM is imported; its spawned EngineCore does it in service.cli
     try:
         return asyncio.run(_main(config, cpu))
     except KeyboardInterrupt:

@@ -118,6 +118,9 @@ def prepare_environment(config: Phi3MiniConfig, cpu: bool) -> dict[str, str]:
         # and 8-9 % fewer requests/s, every 128 KiB tensor becoming an mmap.)
     }
     if cpu:
+        from service.engine.lean_imports import ENV, UNUSED_ON_CPU
+
+        env[ENV] = ",".join(UNUSED_ON_CPU)
         cpus = engine_cpu_list(config)
         env["OMP_NUM_THREADS"] = str(len(cpus))
         if config.cpu_optimization:

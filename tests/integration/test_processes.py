@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -54,6 +55,19 @@ def health_status(svc: ServiceProcess) -> tuple[int, str]:
 def test_each_role_shows_in_its_command_line(own_service: ServiceProcess) -> None:
     roles = own_service.children()
     assert set(roles) == {"engine", "gateway", "orchestrator"}
+
+def test_engine_processes_do_not_load_what_vllm_leaves_unused_on_cpu(own_service: ServiceProcess) -> None:
+    """triton (vLLM turns it off without a CPU backend) and gRPC under OpenTelemetry (tracing
+    is never configured) stay out of the engine worker and of its spawned EngineCore: ~85 MB each."""
+    engine = own_service.children()["engine"]
+    engine_core = [p for p in engine.children(recursive=True) if "EngineCore" in " ".join(p.cmdline())]
+    assert engine_core, "vLLM's EngineCore runs as the engine worker's child"
+    for proc in (engine, *engine_core):
+        libraries = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "libtorch_cpu.so" in libraries  # the check reads the right process
+        assert "libtriton.so" not in libraries and "cygrpc" not in libraries, proc.cmdline()
+    assert complete(own_service)["choices"][0]["text"] is not None
+
 
 
 def _stream_outcome(svc: ServiceProcess) -> tuple[str, float]:

@@ -1,0 +1,33 @@
+"""Keeping modules that vLLM imports but never uses out of the engine's two processes.
+
+On a CPU host, torch and vLLM import triton only to find it has no CPU backend and turn it
+off ("Triton is installed, but doesn't include CPU backend. Disabling Triton."), and vLLM's
+request tracing imports OpenTelemetry and gRPC whether or not tracing is configured (this
+service never configures it). That is ~85 MB of resident memory in the engine worker and as
+much again in its EngineCore (measured: 572 → 488 MB after importing AsyncLLM). Every such
+import is guarded (`try: import ...`, `find_spec`), and a name set to None in `sys.modules`
+makes its import fail with ImportError, so vLLM takes the path it takes without them anyway.
+
+The engine worker names the modules in CITADEL_UNUSED_MODULES (settings.prepare_environment).
+vLLM starts the EngineCore with multiprocessing's spawn method, and a spawned child runs its
+parent's main module (`service.cli`, directly or through the console script) before it imports
+vLLM: `skip_unused_modules()` at the top of `service.cli` covers the EngineCore too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+ENV = "CITADEL_UNUSED_MODULES"
+UNUSED_ON_CPU = ("triton", "opentelemetry")
+
+
+def skip_unused_modules() -> list[str]:
+    """Make the modules named in CITADEL_UNUSED_MODULES fail to import; return those skipped."""
+    skipped = []
+    for name in filter(None, os.environ.get(ENV, "").split(",")):
+        if name not in sys.modules:  # one already imported stays
+            sys.modules[name] = None  # type: ignore[assignment]
+            skipped.append(name)
+    return skipped

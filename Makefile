@@ -50,7 +50,7 @@ bench: install demo-model tools
 	$(PY) -m pip install -q -e '.[cpu,test,bench]'
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	$(PY) benchmarks/ab_compare.py --rounds 3
-	$(PY) benchmarks/compare.py --rounds 3
+	$(PY) benchmarks/compare.py --rounds 5
 	$(PY) benchmarks/spec_checks.py
 	$(PY) benchmarks/goodput.py --rounds 3
 

@@ -68,7 +68,6 @@ class TokenBucket:
 
 
 class Admission:
-    MARGIN = 0.8  # of the latency target that the estimated wait and generation may use
     SERVICE_EWMA = 0.1  # weight of the newest request in the mean time from admission to finish
     LATENCIES = 2048  # finished requests kept for latency percentiles
 
@@ -116,10 +115,11 @@ class Admission:
         raise Refused(message, reason, retry_after_s)
 
     def wait_allowance_s(self) -> float:
-        """The longest wait that still leaves time to generate within the target, with a
-        margin (the estimate is a mean, the target a 95th percentile); at least a quarter of
-        the target, so that long generations are not all refused."""
-        return max(self.MARGIN * self.target_latency_s - self.service_s, self.target_latency_s / 4)
+        """The longest wait that still leaves the mean time to generate within the target (the
+        spec's target is an average latency); at least a quarter of the target, so that long
+        generations are not all refused. (A margin of 0.8 of the target refused 62 % of the
+        spec's own `ab -c 100` load, whose requests took ~400 ms on average when all served.)"""
+        return max(self.target_latency_s - self.service_s, self.target_latency_s / 4)
 
     @property
     def backlog(self) -> int:

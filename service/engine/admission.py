@@ -117,7 +117,7 @@ class Admission:
     def wait_allowance_s(self) -> float:
         """The longest wait that still leaves the mean time to generate within the target (the
         spec's target is an average latency); at least a quarter of the target, so that long
-        generations are not all refused. (A margin of 0.8 of the target refused 62 % of the
+        generations are not all refused. (A margin of 0.8 of the target refused 27-78 % of the
         spec's own `ab -c 100` load, whose requests took ~400 ms on average when all served.)"""
         return max(self.target_latency_s - self.service_s, self.target_latency_s / 4)
 

@@ -1,7 +1,8 @@
 """The spec's own checks, as one script, against a running service (default) or one it starts:
 
 1. 50 sequential requests: average latency < target_latency_ms (500 ms);
-2. `ab -n 1000 -c 50` and `ab -n 1000 -c 100`: > 100 requests/s each;
+2. `ab -n 1000 -c 50` and `ab -n 1000 -c 100`: > 100 requests/s each, counting only those
+   answered 200 (refusals by efficiency mode are shown beside);
 3. memory of the whole process tree < memory_gb;
 4. model load time < 30 s.
 
@@ -32,16 +33,26 @@ def post(url: str, body: dict) -> dict:
         return json.loads(resp.read())
 
 
-def ab(url: str, concurrency: int, max_tokens: int) -> float:
+def ab(url: str, concurrency: int, max_tokens: int) -> tuple[float, int]:
+    """Requests per second answered 200, and how many got another status.
+
+    With the shipped configuration (efficiency mode) the service refuses, with 429 and
+    Retry-After, a request whose estimated latency would pass target_latency_ms; ab sends
+    the next one at once, so refusals count in ab's own requests/s. Only answers count here."""
     payload = Path(tempfile.mkdtemp()) / "payload.json"
     payload.write_text(json.dumps({"prompt": "Performance test", "max_tokens": max_tokens}))
     out = subprocess.run(["ab", "-q", "-n", "1000", "-c", str(concurrency), "-s", "60", "-T", "application/json",
                           "-p", str(payload), url + "/v1/completions"], capture_output=True, text=True,
                          timeout=600).stdout
-    non2xx = re.search(r"Non-2xx responses:\s+(\d+)", out)
-    if non2xx:
-        raise SystemExit(f"ab saw {non2xx.group(1)} non-2xx responses")
-    return float(re.search(r"Requests per second:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+    def field(name: str) -> float:
+        found = re.search(rf"{name}:\s+([\d.]+)", out)
+        return float(found.group(1)) if found else 0.0
+
+    non2xx = int(field("Non-2xx responses"))
+    answered = field("Complete requests") - non2xx  # ab's "Failed requests" are mostly lengths that differ
+
+    return answered / field("Time taken for tests"), non2xx
 
 
 def main() -> int:
@@ -67,8 +78,9 @@ def main() -> int:
         checks.append(("average latency, 50 requests (ms)", avg, f"< {config.target_latency_ms:g}",
                        avg < config.target_latency_ms))
         for concurrency, max_tokens in ((50, 20), (100, 20)):
-            rps = ab(url, concurrency, max_tokens)
-            checks.append((f"ab -n 1000 -c {concurrency} (requests/s)", rps, "> 100", rps > 100))
+            rps, refused = ab(url, concurrency, max_tokens)
+            checks.append((f"ab -n 1000 -c {concurrency} (requests/s answered 200; {refused} refused)", rps,
+                           "> 100", rps > 100))
         with urllib.request.urlopen(url + "/v1/models/phi-3-mini", timeout=10) as resp:
             load_s = json.loads(resp.read())["load_seconds"]
         checks.append(("model load (s)", load_s, "< 30", load_s < 30))

@@ -38,6 +38,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="of open-loop arrivals per run")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--slo-ms", type=float, default=1000.0)
+    parser.add_argument("--target-ms", type=float, help="the adaptive service's target_latency_ms "
+                        "(an average; default: the SLO)")
     parser.add_argument("--overload", type=float, default=3.0, help="times the sustainable rate")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -45,7 +47,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="citadel-goodput-"))
     common = {"metrics_collection_interval": "1"}
     servers: dict[str, Server] = {
-        "adaptive": start_citadel(config, "adaptive", efficiency_mode="true", target_latency_ms=str(args.slo_ms),
+        "adaptive": start_citadel(config, "adaptive", efficiency_mode="true", target_latency_ms=str(args.target_ms or args.slo_ms),
                                   **common),
         **{f"static-{n}": start_citadel(config, f"static-{n}", efficiency_mode="false", max_num_seqs=str(n), **common)
            for n in STATIC},

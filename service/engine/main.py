@@ -34,7 +34,6 @@ PARENT_POLL_S = 1.0
 
 def run_engine(config: Phi3MiniConfig) -> int:
     from service.engine import settings
-
     from service.engine.lean_imports import skip_unused_modules
 
     cpu = _cpu_host()

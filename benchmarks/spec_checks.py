@@ -41,9 +41,11 @@ def ab(url: str, concurrency: int, max_tokens: int) -> tuple[float, int]:
     the next one at once, so refusals count in ab's own requests/s. Only answers count here."""
     payload = Path(tempfile.mkdtemp()) / "payload.json"
     payload.write_text(json.dumps({"prompt": "Performance test", "max_tokens": max_tokens}))
-    out = subprocess.run(["ab", "-q", "-n", "1000", "-c", str(concurrency), "-s", "60", "-T", "application/json",
-                          "-p", str(payload), url + "/v1/completions"], capture_output=True, text=True,
-                         timeout=600).stdout
+    run = subprocess.run(["ab", "-q", "-n", "1000", "-c", str(concurrency), "-s", "60", "-T", "application/json",
+                          "-p", str(payload), url + "/v1/completions"], capture_output=True, text=True, timeout=600)
+    if run.returncode != 0:
+        raise SystemExit(f"ab -c {concurrency} failed: {run.stderr.strip()}")
+    out = run.stdout
 
     def field(name: str) -> float:
         found = re.search(rf"{name}:\s+([\d.]+)", out)
@@ -51,7 +53,6 @@ def ab(url: str, concurrency: int, max_tokens: int) -> tuple[float, int]:
 
     non2xx = int(field("Non-2xx responses"))
     answered = field("Complete requests") - non2xx  # ab's "Failed requests" are mostly lengths that differ
-
     return answered / field("Time taken for tests"), non2xx
 
 

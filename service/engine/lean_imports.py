@@ -23,11 +23,7 @@ ENV = "CITADEL_UNUSED_MODULES"
 UNUSED_ON_CPU = ("triton", "opentelemetry")
 
 
-def skip_unused_modules() -> list[str]:
-    """Make the modules named in CITADEL_UNUSED_MODULES fail to import; return those skipped."""
-    skipped = []
+def skip_unused_modules() -> None:
+    """Make the modules named in CITADEL_UNUSED_MODULES fail to import."""
     for name in filter(None, os.environ.get(ENV, "").split(",")):
-        if name not in sys.modules:  # one already imported stays
-            sys.modules[name] = None  # type: ignore[assignment]
-            skipped.append(name)
-    return skipped
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]  # one already imported stays

@@ -77,7 +77,8 @@ class Orchestrator:
                 max_num_batched_tokens_ceiling=stats.max_num_batched_tokens_ceiling,
                 in_flight=stats.in_flight, queued=stats.queued, refused=self._refused_since(stats),
                 window_requests=stats.window_requests,
-                service_p95_s=stats.service_p95_s, e2e_p95_s=stats.e2e_p95_s, memory_used_mb=used_mb, memory_limit_mb=limit_mb,
+                service_p95_s=stats.service_p95_s, e2e_p95_s=stats.e2e_p95_s, mean_service_s=stats.mean_service_s,
+                memory_used_mb=used_mb, memory_limit_mb=limit_mb,
                 memory_pressure=cgroup.memory_pressure_some_avg10,
             ))
             if decision.action != "hold":

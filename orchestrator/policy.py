@@ -8,7 +8,10 @@ engine's admission refuses what would wait too long.
 
 AIMD with hysteresis, one decision per sample:
 - decrease (×0.7, at least 1) when memory is at 90 % of its limit or memory pressure
-  stalls tasks, or when the p95 time in vLLM is over 80 % of `target_latency_ms`;
+  stalls tasks, or when the p95 time in vLLM is over 80 % of `target_latency_ms`; a
+  latency decrease keeps the sequences that `max_throughput_rps` needs (Little's law:
+  the rate times the mean time a request spends in vLLM), so trimming for latency never
+  takes the service below the throughput it is sized for (memory is not floored: it is hard);
 - increase (+1/16 of the ceiling) while requests wait or are refused, the p95 time in vLLM
   is under half the target and memory under 80 %, or when the engine is idle and nothing
   was refused since the last sample (a quiet period restores the limits);
@@ -49,6 +52,7 @@ class Observation:
     memory_pressure: float | None = None  # % of time some task stalled on memory (avg10)
     refused: int = 0  # refused by admission since the last sample (demand beyond what was admitted)
     e2e_p95_s: float = 0.0  # arrival in the worker -> last token (logged, not steered on)
+    mean_service_s: float = 0.0  # mean time a request spends in vLLM (admission -> last token)
 
 
 class EfficiencyManager:
@@ -96,6 +100,11 @@ class EfficiencyManager:
         elif judged and obs.service_p95_s > self.SERVICE_SHARE * self.target_s and not cooling:
             action, reason = "decrease", (f"p95 time in the engine {obs.service_p95_s * 1000:.0f} ms over "
                                           f"{self.SERVICE_SHARE:.0%} of the {self.config.target_latency_ms:g} ms target")
+            floor = self.throughput_floor(obs)
+            if seqs <= floor:
+                action, reason = "hold", (f"{reason}, but max_num_seqs={seqs} is what max_throughput_rps="
+                                          f"{self.config.max_throughput_rps:g} needs at "
+                                          f"{obs.mean_service_s * 1000:.0f} ms per request")
         elif cooling:
             reason = "waiting for the last decrease to show"
         elif demand and memory < self.HEADROOM and (
@@ -106,6 +115,8 @@ class EfficiencyManager:
             action, reason = "increase", "quiet: restoring the limits toward the ceilings"
         if action == "decrease":
             new = max(1, min(seqs - 1, math.floor(seqs * self.DECREASE)))
+            if reason.startswith("p95"):
+                new = max(new, self.throughput_floor(obs))
             self._cooldown = self.COOLDOWN
         elif action == "increase":
             new = min(ceil_seqs, seqs + max(1, ceil_seqs // 16))
@@ -118,6 +129,11 @@ class EfficiencyManager:
         if action != "hold":
             self.decisions.append(decision)
         return decision
+
+    def throughput_floor(self, obs: Observation) -> int:
+        """The sequences that serve `max_throughput_rps` at the current mean time in vLLM."""
+        needed = math.ceil(self.config.max_throughput_rps * obs.mean_service_s)
+        return min(obs.max_num_seqs_ceiling, max(needed, 1))
 
     @staticmethod
     def _tokens_for(seqs: int, obs: Observation) -> int:
@@ -152,7 +168,15 @@ def optimization_settings(c: Phi3MiniConfig) -> dict[str, Any]:
             "effect": (f"engine threads bound to {max(c.cpu_cores - 1, 1)} of the {c.cpu_cores} allotted cores"
                        if c.cpu_optimization else "engine threads left to the OS scheduler"),
         },
-        "max_throughput_rps": c.max_throughput_rps if c.efficiency_mode else None,
+        "max_throughput_rps": {
+            "value": c.max_throughput_rps,
+            "effect": (f"latency steering keeps the sequences {c.max_throughput_rps:g} requests/s need"
+                       if c.efficiency_mode else "none: efficiency_mode is off"),
+        },
+        "rate_limit_rps": {
+            "value": c.rate_limit_rps,
+            "effect": f"429 beyond {c.rate_limit_rps:g} requests/s" if c.rate_limit_rps else "off: no hard cap",
+        },
         "target_latency_ms": c.target_latency_ms,
         "memory_gb": c.memory_gb,
     }

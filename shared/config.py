@@ -25,6 +25,7 @@ Positive = Annotated[int, Meta(ge=1)]
 NonNegative = Annotated[int, Meta(ge=0)]
 Fraction = Annotated[float, Meta(gt=0.0, le=1.0)]
 PositiveFloat = Annotated[float, Meta(gt=0.0)]
+NonNegativeFloat = Annotated[float, Meta(ge=0.0)]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -41,6 +42,7 @@ class Phi3MiniConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_queue: Positive = 256  # requests waiting for the engine at once; beyond them, 429 at once
     client_timeout_s: PositiveFloat = 15.0  # for a request's head, its body, and each streamed write to drain
     api_key: str = ""  # when set, every route but /health needs "Authorization: Bearer <api_key>"
+    rate_limit_rps: NonNegativeFloat = 0.0  # a hard cap on requests/s (429 beyond it); 0 = off
     # -- model
     model_path: str = "/opt/models/microsoft-Phi-3-mini-4k-instruct"
     model_name: str = "microsoft/Phi-3-mini-4k-instruct"
@@ -55,7 +57,7 @@ class Phi3MiniConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     efficiency_mode: bool = True
     memory_gb: PositiveFloat = 4.0
     cpu_cores: Positive = 2
-    max_throughput_rps: PositiveFloat = 100.0
+    max_throughput_rps: PositiveFloat = 100.0  # the rate the latency steering keeps room for (not a cap)
     memory_optimization: bool = True
     cpu_optimization: bool = True
     # -- performance
@@ -107,7 +109,7 @@ class ConfigError(ValueError):
 # Which YAML section each setting lives in: the spec's file layout.
 SECTIONS: dict[str, tuple[str, ...]] = {
     "service": ("host", "port", "runtime_dir", "request_timeout_s", "client_timeout_s", "max_body_bytes",
-                "max_queue", "api_key"),
+                "max_queue", "api_key", "rate_limit_rps"),
     "model": (
         "model_path", "model_name", "served_model_name", "demo_model_dir", "max_model_len",
         "tensor_parallel_size", "gpu_memory_utilization", "dtype", "seed",

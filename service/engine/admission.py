@@ -10,10 +10,13 @@ when no other prompt is being prefilled.
 Limits move at run time (`set_limits`, from the orchestrator) within the ceilings the
 engine was built with. At the ceilings vLLM enforces the same limits itself, so requests
 pass straight through to its own queue: holding them here would leave a batch slot empty
-for the step or two it takes to hand a request over (5 % fewer requests/s measured). In efficiency mode a new request is refused at once, before it is
-tokenized, when the queue ahead of it would already make it miss the latency target (its
-estimated wait is over the target less the mean time in vLLM), or beyond
-`max_throughput_rps` (a token bucket).
+for the step or two it takes to hand a request over (5 % fewer requests/s measured).
+
+A new request is refused at once, before it is tokenized: in efficiency mode when the queue
+ahead of it would already make it miss the latency target (its estimated wait is over the
+target less the mean time in vLLM); in any mode beyond `rate_limit_rps`, the operator's
+hard cap (a token bucket; off by default). `max_throughput_rps` is not a cap: it is the
+rate the orchestrator's latency steering keeps room for (orchestrator/policy.py).
 
 Pure logic with an injectable clock: `tests/service/test_admission.py` drives it.
 """
@@ -83,7 +86,7 @@ class Admission:
         self.refused_total: dict[str, int] = {"queue_full": 0, "too_slow": 0, "rate_limit": 0}
         self._queue: deque[Ticket] = deque()
         self._prefilling: list[Ticket] = []
-        self._bucket = TokenBucket(max_rps, clock) if max_rps and shed else None
+        self._bucket = TokenBucket(max_rps, clock) if max_rps else None
         self._clock = clock
         self.service_s = 0.0  # mean time from admission to finish (EWMA)
         self.latencies: deque[tuple[float, float, float, float]] = deque(maxlen=self.LATENCIES)  # at, ttft, e2e, service
@@ -98,16 +101,13 @@ class Admission:
         if len(self._queue) >= self.max_queue:
             self._refuse("queue_full", f"Too many requests waiting for the engine (max_queue={self.max_queue}); "
                                        "retry later", 1.0)
-        if not self.shed:
-            return
         wait = self.estimated_wait_s()
-        allowed = self.wait_allowance_s()
-        if wait > allowed:
+        if self.shed and wait > self.wait_allowance_s():
             self._refuse("too_slow", f"The queue ahead would take about {wait:.2f} s; with about "
                                      f"{self.service_s:.2f} s to generate, the answer would miss the "
                                      f"{self.target_latency_s * 1000:g} ms latency target; retry later", wait)
         if self._bucket is not None and not self._bucket.take():
-            self._refuse("rate_limit", f"More than max_throughput_rps={self._bucket.rate:g} requests per second; "
+            self._refuse("rate_limit", f"More than rate_limit_rps={self._bucket.rate:g} requests per second; "
                                        "retry later", 1.0 / self._bucket.rate)
 
     def _refuse(self, reason: str, message: str, retry_after_s: float) -> None:

@@ -98,7 +98,7 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
         )
         sched = engine.vllm_config.scheduler_config  # built with the ceilings; admission keeps below them
         admission = Admission(Limits(sched.max_num_seqs, sched.max_num_batched_tokens), config.max_queue,
-                              config.target_latency_ms / 1000, config.max_throughput_rps, config.efficiency_mode)
+                              config.target_latency_ms / 1000, config.rate_limit_rps, config.efficiency_mode)
         scheduler.on_step = admission.step
         server = EngineServer(engine, welcome, engine.model_config.get_vocab_size(), admission, scheduler)
         # Everything loaded so far lives as long as the process: move it out of the garbage

@@ -218,7 +218,8 @@ class EngineServer:
                 conn.send(p.Output(rid, choices))
                 await conn.wait_writable(30.0)
         except Refused as exc:
-            conn.send(p.Failure(rid, 429, str(exc), code="overloaded", retry_after_s=exc.retry_after_s))
+            code = "rate_limit_exceeded" if exc.reason == "rate_limit" else "overloaded"
+            conn.send(p.Failure(rid, 429, str(exc), code=code, retry_after_s=exc.retry_after_s))
         except RequestError as exc:
             self._refuse(conn, msg, exc.status, str(exc), exc.param)
         except VLLMValidationError as exc:

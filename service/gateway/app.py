@@ -65,10 +65,15 @@ async def _engine_client(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _notify_when_ready(client: EngineClient) -> None:
-    """systemd READY=1 only once the gateway serves and the engine has answered."""
+    """systemd READY=1 only once the gateway serves and the engine has answered; then
+    WATCHDOG=1 while the event loop turns, so that a gateway stuck in it is restarted."""
     while not client.ready:
         await asyncio.sleep(0.2)
     sd_notify.notify("READY=1\nSTATUS=serving")
+    interval = sd_notify.watchdog_interval_s()
+    while interval is not None:
+        await asyncio.sleep(interval)
+        sd_notify.notify("WATCHDOG=1")
 
 
 def run_gateway(config: Phi3MiniConfig) -> int:
@@ -95,14 +100,16 @@ async def _serve(config: Phi3MiniConfig) -> int:
     await web.TCPSite(metrics_runner, config.metrics_host, config.metrics_port, reuse_address=True).start()
     log.info("gateway listening", host=config.host, port=config.port, metrics_port=config.metrics_port,
              engine_socket=str(config.engine_socket_path()))
-    ready = loop.create_task(_notify_when_ready(app[CLIENT]), name="systemd-ready")
+    ready = loop.create_task(_notify_when_ready(app[CLIENT]), name="systemd-notify")
     try:
         await stop.wait()
         sd_notify.notify("STOPPING=1")
-        log.info("gateway draining", drain_timeout_s=DRAIN_TIMEOUT_S, in_flight=app[CLIENT].pending)
+        log.info("gateway draining", drain_timeout_s=DRAIN_TIMEOUT_S, in_flight=app[METRICS].handling)
         app[DRAINING].set()  # new requests get 503 and /health says draining, while…
         deadline = loop.time() + DRAIN_TIMEOUT_S
-        while app[CLIENT].pending and loop.time() < deadline:  # …those in flight finish
+        # …those in flight finish (in the engine, and on their way out to the client): the
+        # listener stays open, answering 503, as long as anything is in flight
+        while (app[CLIENT].pending or app[METRICS].handling) and loop.time() < deadline:
             await asyncio.sleep(0.05)
     finally:
         ready.cancel()

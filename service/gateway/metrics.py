@@ -66,6 +66,7 @@ class Metrics:
         self.tokens_per_gb_s = Gauge("phi3_mini_tokens_per_gigabyte_second",
                                      "Generated tokens per GiB-second of the service's resident memory",
                                      registry=r)
+        self.handling = 0  # requests being handled, health probes and scrapes left out: what a drain waits for
         self._procs: dict[int, psutil.Process] = {}
         self._gb_seconds = 0.0
         self._last_sample = time.monotonic()
@@ -73,7 +74,7 @@ class Metrics:
         self._last_tokens = 0
         self.in_flight.set({}, 0)
         self.restarts.add({}, 0)  # present from the first scrape on
-        for reason in ("engine_unavailable", "draining", "deadline", "overloaded"):
+        for reason in ("engine_unavailable", "draining", "deadline", "overloaded", "rate_limit_exceeded"):
             self.refused.add({"reason": reason}, 0)
 
     # ---------------------------------------------------------------- per request

@@ -30,6 +30,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     status = 500
     metrics = request.app[METRICS]
     metrics.in_flight.inc({})
+    counted = request.path not in _QUIET_ROUTES
+    metrics.handling += counted
     try:
         response = await _handle(request, handler, request_id)
         status = response.status
@@ -43,6 +45,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         return stalled.response  # aiohttp finds its connection closed and lets it go
     finally:
         metrics.in_flight.dec({})
+        metrics.handling -= counted
         elapsed = time.perf_counter() - started
         route = request.match_info.route.resource
         endpoint = route.canonical if route is not None else "unmatched"
@@ -74,7 +77,7 @@ async def _handle(request: web.Request, handler: Handler, request_id: str) -> we
         _check_api_key(request)
         response = await handler(request)
     except ApiError as err:
-        if err.code in ("engine_unavailable", "draining", "timeout", "overloaded"):
+        if err.code in ("engine_unavailable", "draining", "timeout", "overloaded", "rate_limit_exceeded"):
             reason = "deadline" if err.code == "timeout" else err.code
             request.app[METRICS].refused.inc({"reason": reason})
         return error_response(err, request_id)

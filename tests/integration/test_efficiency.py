@@ -1,6 +1,10 @@
-"""The efficiency orchestrator steering the real engine: a burst under a tight latency target
-lowers max_num_seqs, a quiet period raises it again, overload is refused with 429 and
-Retry-After, the rate cap holds, and the limits outlive the orchestrator."""
+"""The efficiency orchestrator steering the real engine: a burst under a latency target the
+engine cannot meet lowers max_num_seqs, a quiet period raises it again, overload is refused
+with 429 and Retry-After, the operator's rate cap holds, and the limits outlive the
+orchestrator.
+
+Nothing here is tuned to one machine's speed: the target is derived from what a request
+takes on the machine at hand, unloaded."""
 
 from __future__ import annotations
 
@@ -18,14 +22,48 @@ from tests.helpers import ServiceProcess, wait_for
 
 pytestmark = pytest.mark.integration
 CEILING = 16
-RATE_CAP = 150
+BURST_TOKENS = 40
+RATE_CAP = 5
+
+
+def unloaded_ms(svc: ServiceProcess, max_tokens: int, runs: int = 5) -> float:
+    """The fastest of a few sequential requests, end to end: an upper bound of the time the
+    same request spends in the engine with nothing else running."""
+    body = json.dumps({"prompt": "burst", "max_tokens": max_tokens, "ignore_eos": True}).encode()
+    best = float("inf")
+    for _ in range(runs):
+        req = urllib.request.Request(svc.base_url + "/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        started = time.monotonic()
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert resp.status == 200
+        best = min(best, (time.monotonic() - started) * 1000)
+    return best
 
 
 @pytest.fixture(scope="module")
-def steered() -> Iterator[ServiceProcess]:
-    # a tight target the demo model misses under a burst, and a fast orchestrator
-    svc = ServiceProcess(target_latency_ms="150", metrics_collection_interval="0.5", max_num_seqs=str(CEILING),
-                         max_throughput_rps=str(RATE_CAP)).start()
+def target_ms(service: ServiceProcess) -> int:
+    """A target the engine cannot meet on this machine: the policy acts at 80 % of it, and
+    half of the unloaded time is below what any request, loaded or not, spends in vLLM."""
+    return max(1, int(unloaded_ms(service, BURST_TOKENS) / 2))
+
+
+@pytest.fixture(scope="module")
+def steered(target_ms: int) -> Iterator[ServiceProcess]:
+    # max_throughput_rps=1: the latency steering may trim down to one sequence
+    svc = ServiceProcess(target_latency_ms=str(target_ms), metrics_collection_interval="0.5",
+                         max_num_seqs=str(CEILING), max_throughput_rps="1").start()
+    try:
+        svc.wait_healthy()
+        yield svc
+    finally:
+        svc.stop()
+
+
+@pytest.fixture(scope="module")
+def capped() -> Iterator[ServiceProcess]:
+    # the operator's hard cap, which holds with efficiency mode off too
+    svc = ServiceProcess(rate_limit_rps=str(RATE_CAP), efficiency_mode="false").start()
     try:
         svc.wait_healthy()
         yield svc
@@ -59,39 +97,43 @@ async def burst(svc: ServiceProcess, requests: int, concurrency: int, max_tokens
     return results
 
 
-async def test_burst_lowers_max_num_seqs_and_sheds_with_429_then_quiet_restores(steered: ServiceProcess) -> None:
+async def test_burst_lowers_max_num_seqs_and_sheds_with_429_then_quiet_restores(steered: ServiceProcess,
+                                                                                  target_ms: int) -> None:
     assert efficiency(steered)["limits"]["max_num_seqs"] == CEILING
     lowest = CEILING
-    load = asyncio.ensure_future(burst(steered, requests=3000, concurrency=48, max_tokens=40, duration_s=12))
+    load = asyncio.ensure_future(burst(steered, requests=3000, concurrency=48, max_tokens=BURST_TOKENS,
+                                       duration_s=12))
     started = time.monotonic()
-    while not load.done() and time.monotonic() - started < 20:
+    while not load.done() and time.monotonic() - started < 40:
         await asyncio.sleep(0.5)
         doc = await asyncio.to_thread(efficiency, steered)
         lowest = min(lowest, doc["limits"]["max_num_seqs"])
     results = await load
-    assert lowest < CEILING, "the limit never came down under the burst"
+    assert lowest < CEILING, f"the limit never came down under the burst (target {target_ms} ms)"
     doc = efficiency(steered)
     decreases = [d for d in doc["decisions"] if d["action"] == "decrease"]
     assert decreases and "p95 time in the engine" in decreases[0]["reason"]
-    assert decreases[0]["inputs"]["service_p95_ms"] > 0.8 * 150
+    assert decreases[0]["inputs"]["service_p95_ms"] > 0.8 * target_ms
 
     # every request was answered: served, or refused at once with 429, Retry-After and OpenAI's error
     statuses = [status for status, _, _ in results]
     assert set(statuses) <= {200, 429}, set(statuses)
+    assert 200 in statuses
     refused = [(body, retry) for status, body, retry in results if status == 429]
-    assert refused, "nothing was refused under a 3x overload of a 150 ms target"
+    assert refused, f"nothing was refused under a burst of 48 against a {target_ms} ms target"
     assert all(retry is not None and int(retry) >= 1 for _, retry in refused)
     assert all(body["error"]["type"] == "rate_limit_error" and body["error"]["code"] == "overloaded"
                for body, _ in refused)
-    assert doc["refused"]["engine"]["too_slow"] > 0
+    assert doc["refused"]["engine"]["too_slow"] > 0 and doc["refused"]["engine"]["rate_limit"] == 0
 
-    # a quiet period raises it again
-    wait_for(lambda: efficiency(steered)["limits"]["max_num_seqs"] == CEILING, 20, "the limit to recover")
+    # a quiet period raises it again (one step of 1/16 of the ceiling per 0.5 s sample)
+    wait_for(lambda: efficiency(steered)["limits"]["max_num_seqs"] == CEILING, 40, "the limit to recover")
     doc = efficiency(steered)
     assert any(d["action"] == "increase" and "quiet" in d["reason"] for d in doc["decisions"])
 
 
-async def test_efficiency_shows_measurements_throughput_and_prometheus_text(steered: ServiceProcess) -> None:
+async def test_efficiency_shows_measurements_throughput_and_prometheus_text(steered: ServiceProcess,
+                                                                           target_ms: int) -> None:
     await burst(steered, requests=40, concurrency=4, max_tokens=5, duration_s=10)
     await asyncio.sleep(1.2)  # an orchestrator sample after the load
     doc = efficiency(steered)
@@ -103,7 +145,7 @@ async def test_efficiency_shows_measurements_throughput_and_prometheus_text(stee
     assert doc["measurements"]["cgroup"]["version"] in (1, 2)
     assert doc["ceilings"] == {"max_num_seqs": CEILING, "max_num_batched_tokens": 512}
     assert doc["optimizations"]["memory_optimization"]["enabled"] is True
-    assert doc["latency"]["target_ms"] == 150
+    assert doc["latency"]["target_ms"] == target_ms
     for key in ("requests_per_s", "tokens_per_s", "tokens_per_cpu_second", "tokens_per_gb_second"):
         assert key in doc["throughput"]
     with urllib.request.urlopen(steered.base_url + "/metrics/efficiency", timeout=10) as resp:
@@ -112,15 +154,17 @@ async def test_efficiency_shows_measurements_throughput_and_prometheus_text(stee
     assert 'phi3_mini_efficiency_process_rss_mb{role="engine"' in text
 
 
-async def test_rate_cap_refuses_beyond_max_throughput_rps(steered: ServiceProcess) -> None:
-    before = efficiency(steered)["refused"]["engine"]["rate_limit"]
+async def test_rate_limit_rps_refuses_beyond_the_cap_with_its_own_code(capped: ServiceProcess) -> None:
     started = time.monotonic()
-    results = await burst(steered, requests=600, concurrency=32, max_tokens=1, duration_s=15)
+    results = await burst(capped, requests=300, concurrency=16, max_tokens=1, duration_s=6)
     elapsed = time.monotonic() - started
     served = sum(1 for status, _, _ in results if status == 200)
-    assert len(results) == 600 and {s for s, _, _ in results} <= {200, 429}
-    assert served <= RATE_CAP + RATE_CAP * elapsed + 5  # one second of burst, then the rate
-    assert efficiency(steered)["refused"]["engine"]["rate_limit"] > before
+    assert {s for s, _, _ in results} <= {200, 429}
+    assert served <= RATE_CAP + RATE_CAP * elapsed + 1  # one second of burst, then the rate
+    refused = [(body, retry) for status, body, retry in results if status == 429]
+    assert refused and all(body["error"]["code"] == "rate_limit_exceeded"
+                           and "rate_limit_rps=5" in body["error"]["message"] and retry for body, retry in refused)
+    assert efficiency(capped)["refused"]["engine"] == {"queue_full": 0, "too_slow": 0, "rate_limit": len(refused)}
 
 
 async def _set_limits(svc: ServiceProcess, max_num_seqs: int) -> int:

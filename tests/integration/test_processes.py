@@ -177,9 +177,21 @@ def engine_running(svc: ServiceProcess) -> float:
     return next(float(line.split()[1]) for line in text.splitlines() if line.startswith("phi3_mini_requests_running "))
 
 
-def test_deadline_gives_504_and_aborts_in_the_engine(own_service: ServiceProcess) -> None:
+def tokens_for(svc: ServiceProcess, seconds: float, n: int = 1) -> int:
+    """How many tokens a request of n sequences generates in about `seconds` on this machine,
+    from a timed 64-token request (at most what the context holds)."""
     started = time.monotonic()
-    status, body = post(own_service, {"prompt": "long", "max_tokens": 2000, "n": 8, "ignore_eos": True})
+    status, _ = post(svc, {"prompt": "pace", "max_tokens": 64, "n": n, "ignore_eos": True})
+    assert status == 200
+    per_token_s = (time.monotonic() - started) / 64
+    return max(64, min(2000, int(seconds / per_token_s)))
+
+
+def test_deadline_gives_504_and_aborts_in_the_engine(own_service: ServiceProcess) -> None:
+    # a request that would take three deadlines on this machine
+    tokens = tokens_for(own_service, seconds=3 * REQUEST_TIMEOUT_S, n=16)
+    started = time.monotonic()
+    status, body = post(own_service, {"prompt": "long", "max_tokens": tokens, "n": 16, "ignore_eos": True})
     elapsed = time.monotonic() - started
     assert status == 504, body
     assert body["error"]["code"] == "timeout"
@@ -307,11 +319,14 @@ def test_sigterm_drains_then_stops_everything_cleanly(own_service: ServiceProces
 
     tree = own_service.tree()
     assert len(tree) >= 5  # serve, engine, EngineCore, gateway, orchestrator
+    # a request that generates for about 3 s on this machine (within the 6 s deadline): the
+    # drain must keep the listener open, answering 503, until it is done
+    tokens = tokens_for(own_service, seconds=3.0)
     result: dict = {}
     in_flight = threading.Thread(target=lambda: result.update(
-        zip(("status", "body"), post(own_service, {"prompt": "drain me", "max_tokens": 400, "ignore_eos": True}))))
+        zip(("status", "body"), post(own_service, {"prompt": "drain me", "max_tokens": tokens, "ignore_eos": True}))))
     in_flight.start()
-    time.sleep(0.3)
+    wait_for(lambda: engine_running(own_service) == 1, 5, "the request to be in flight")
     started = time.monotonic()
     assert own_service.proc is not None
     own_service.proc.send_signal(signal.SIGTERM)
@@ -319,7 +334,7 @@ def test_sigterm_drains_then_stops_everything_cleanly(own_service: ServiceProces
     refused, body = post(own_service, {"prompt": "late", "max_tokens": 2})
     assert refused == 503 and body["error"]["code"] == "draining"
     in_flight.join(30)
-    assert result["status"] == 200 and result["body"]["usage"]["completion_tokens"] == 400  # finished, not cut
+    assert result["status"] == 200 and result["body"]["usage"]["completion_tokens"] == tokens  # finished, not cut
     code = own_service.stop(timeout_s=60)
     assert code == 0
     assert time.monotonic() - started < 60

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import msgspec
+
 from orchestrator.policy import EfficiencyManager, Observation
 from shared.config import Phi3MiniConfig
 
@@ -101,3 +103,29 @@ def test_refusals_are_demand_not_quiet() -> None:
     assert d.action == "hold" and "quiet" not in d.reason  # busy shedding, and no headroom: hold
     d = manager.decide(obs(seqs=8, in_flight=0, queued=0, refused=40, window_requests=50, service_p95_s=0.1))
     assert d.action == "increase" and "40 refused" in d.reason
+
+
+def test_a_latency_decrease_keeps_what_max_throughput_rps_needs() -> None:
+    """100 requests/s at 0.15 s each in vLLM need 15 sequences (Little's law): the latency
+    steering trims down to them and no further."""
+    manager = EfficiencyManager(msgspec.structs.replace(CONFIG, max_throughput_rps=100))
+    d = manager.decide(obs(seqs=20, service_p95_s=0.9, mean_service_s=0.15))
+    assert d.action == "decrease" and d.max_num_seqs == 15  # not 14 (20 x 0.7)
+    d = EfficiencyManager(msgspec.structs.replace(CONFIG, max_throughput_rps=100)).decide(
+        obs(seqs=15, service_p95_s=0.9, mean_service_s=0.15))
+    assert d.action == "hold" and d.max_num_seqs == 15 and "max_throughput_rps=100 needs" in d.reason
+    # a lower rate leaves room to trim
+    d = EfficiencyManager(msgspec.structs.replace(CONFIG, max_throughput_rps=10)).decide(
+        obs(seqs=15, service_p95_s=0.9, mean_service_s=0.15))
+    assert d.action == "decrease" and d.max_num_seqs == 10
+
+
+def test_memory_is_not_floored_by_max_throughput_rps() -> None:
+    d = EfficiencyManager(CONFIG).decide(obs(seqs=20, memory_used_mb=3900, mean_service_s=0.3))
+    assert d.action == "decrease" and d.max_num_seqs == 14
+
+
+def test_status_says_max_throughput_rps_is_not_a_cap() -> None:
+    status = EfficiencyManager(CONFIG).get_optimization_status()
+    assert "keeps the sequences" in status["max_throughput_rps"]["effect"]
+    assert status["rate_limit_rps"] == {"value": 0.0, "effect": "off: no hard cap"}

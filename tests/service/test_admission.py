@@ -152,16 +152,24 @@ def test_nothing_queued_is_never_refused_for_slowness() -> None:
     assert adm.estimated_wait_s() == 0.0
 
 
-def test_token_bucket_caps_requests_per_second() -> None:
+@pytest.mark.parametrize("shed", [True, False])
+def test_rate_limit_rps_caps_requests_per_second_in_either_mode(shed: bool) -> None:
     clock = Clock()
-    adm = make(shed=True, rps=10, clock=clock)
+    adm = make(shed=shed, rps=10, clock=clock)
     for _ in range(10):
         adm.check()  # a second's worth of burst
     with pytest.raises(Refused) as info:
         adm.check()
-    assert info.value.reason == "rate_limit"
+    assert info.value.reason == "rate_limit" and "rate_limit_rps=10" in str(info.value)
     clock.now += 0.11  # one more token
     adm.check()
+
+
+def test_no_rate_limit_rps_means_no_cap() -> None:
+    adm = make(shed=True, rps=None)
+    for _ in range(10_000):
+        adm.check()
+    assert adm.refused_total["rate_limit"] == 0
 
 
 async def test_latency_percentiles_cover_the_window_only() -> None:

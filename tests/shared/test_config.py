@@ -134,3 +134,10 @@ def test_invalid_value_stops_the_start_with_one_line() -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "max_model_len" in lines[0] and "zero" in lines[0]
+
+
+def test_rate_limit_rps_is_off_by_default_and_set_by_environment() -> None:
+    assert load_config(DEFAULT_CONFIG_FILE, environ={}).rate_limit_rps == 0
+    assert load_config(DEFAULT_CONFIG_FILE, environ={"PHI_3_MINI_RATE_LIMIT_RPS": "50"}).rate_limit_rps == 50
+    with pytest.raises(ConfigError, match="rate_limit_rps"):
+        load_config(DEFAULT_CONFIG_FILE, environ={"PHI_3_MINI_RATE_LIMIT_RPS": "-1"})

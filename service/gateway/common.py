@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from service.gateway import schemas as s
 from service.gateway.engine_client import DeadlineExceeded, EngineUnavailable, RequestFailed
@@ -52,6 +54,9 @@ async def decode_body(request: web.Request, kind: type[T]) -> T:
     except TimeoutError:
         raise ApiError(408, f"The request body did not arrive within {timeout_s:g} s",
                        code="request_timeout") from None
+    except (RequestPayloadError, HttpProcessingError) as exc:  # a corrupt compressed or chunked body
+        raise ApiError(400, f"The request body could not be read: {str(exc).split('message:')[-1].strip()}",
+                       code="invalid_body") from None
     if not body:
         raise ApiError(400, "The request body is empty; a JSON object is expected")
     decoder = _decoders.get(kind) or _decoders.setdefault(kind, msgspec.json.Decoder(kind))
@@ -59,6 +64,10 @@ async def decode_body(request: web.Request, kind: type[T]) -> T:
         return decoder.decode(body)  # type: ignore[no-any-return]
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise from_validation(exc) from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "The request body is not valid UTF-8", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "The request body's JSON is nested too deeply", code="invalid_json") from None
 
 
 def check_model(request: web.Request, model: str | None) -> str:
@@ -77,9 +86,12 @@ def sampling_spec(req: s.SamplingFields, max_tokens: int | None, logprobs: int |
     bias: list[tuple[int, float]] = []
     for key, value in (req.logit_bias or {}).items():
         try:
-            bias.append((int(key), value))
+            token = int(key)
         except ValueError:
-            raise ApiError(400, f"logit_bias keys must be token ids, not {key!r}", "logit_bias") from None
+            token = -1
+        if not 0 <= token <= s.INT64_MAX:
+            raise ApiError(400, f"logit_bias keys must be token ids, not {key[:40]!r}", "logit_bias")
+        bias.append((token, value))
     stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     return p.SamplingSpec(
         max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),

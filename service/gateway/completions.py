@@ -22,15 +22,22 @@ def _prompts(req: s.CompletionRequest) -> list[str | list[int]]:
     if isinstance(prompt, str):
         return [prompt]
     if all(type(x) is int for x in prompt):
-        return [prompt]  # one prompt of token ids
+        return [_token_ids(prompt)]  # one prompt of token ids
     if len(prompt) > s.MAX_PROMPTS:
         raise ApiError(400, f"At most {s.MAX_PROMPTS} prompts per request", "prompt")
     if all(type(x) is str for x in prompt):
         return list(prompt)
     if all(isinstance(x, list) and x and all(type(t) is int for t in x) for x in prompt):
-        return list(prompt)
+        return [_token_ids(x) for x in prompt]
     raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids "
                         "or a list of lists of token ids", "prompt")
+
+
+def _token_ids(ids: list[int]) -> list[int]:
+    bad = next((t for t in ids if not 0 <= t <= s.INT64_MAX), None)
+    if bad is not None:
+        raise ApiError(400, f"Token id {bad} in prompt is not a token id (0 .. vocabulary size - 1)", "prompt")
+    return ids
 
 
 def _logprobs(choice: p.Choice, offset: int) -> s.CompletionLogprobs | None:

@@ -188,8 +188,8 @@ class EngineClient:
             raise EngineUnavailable("the engine is not connected")
         rid = next(self._rids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._sinks[rid] = fut
-        conn.send(make(rid))
+        conn.send(make(rid))  # first: a message that cannot be encoded registers nothing
+        self._sinks[rid] = fut  # the reply cannot arrive before this: it is read on this loop
         try:
             return await asyncio.wait_for(fut, timeout_s)
         finally:
@@ -213,8 +213,8 @@ class EngineClient:
         if conn is None or self.info is None:
             raise EngineUnavailable("the engine is not connected")
         rid = next(self._rids)
+        conn.send(p.Generate(rid, prompt, params, stream, request_id, chat, echo))  # first: see _ask
         self._sinks[rid] = sink
-        conn.send(p.Generate(rid, prompt, params, stream, request_id, chat, echo))
         return rid
 
     def _abort(self, rids: Sequence[int]) -> None:

@@ -25,7 +25,8 @@ _QUIET_ROUTES = frozenset({"/health", "/metrics"})  # polled often: counted, not
 @web.middleware
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
-    request_id = (request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex)[:128]
+    given = request.headers.get(REQUEST_ID_HEADER)
+    request_id = given[:128] if given and given.isascii() and given.isprintable() else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
     status = 500
     metrics = request.app[METRICS]
@@ -33,7 +34,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     counted = request.path not in _QUIET_ROUTES
     metrics.handling += counted
     try:
-        response = await _handle(request, handler, request_id)
+        response = await _handle(request, handler, request_id, bad_id=given is not None and given[:128] != request_id)
         status = response.status
         return response
     except asyncio.CancelledError:
@@ -72,8 +73,11 @@ def _check_api_key(request: web.Request) -> None:
                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
-async def _handle(request: web.Request, handler: Handler, request_id: str) -> web.StreamResponse:
+async def _handle(request: web.Request, handler: Handler, request_id: str, bad_id: bool) -> web.StreamResponse:
     try:
+        if bad_id:  # it travels in logs, headers and the engine's protocol: text only
+            raise ApiError(400, f"{REQUEST_ID_HEADER} must be printable ASCII text (this answer's id is {request_id})",
+                           REQUEST_ID_HEADER, "invalid_request_id")
         _check_api_key(request)
         response = await handler(request)
     except ApiError as err:

@@ -27,7 +27,8 @@ TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 StopString = Annotated[str, Meta(min_length=1, max_length=MAX_STOP_LEN)]
 Bias = Annotated[float, Meta(ge=-100.0, le=100.0)]
-TokenId = Annotated[int, Meta(ge=0)]
+INT64_MAX = 2**63 - 1  # the largest integer the engine's wire protocol carries
+TokenId = Annotated[int, Meta(ge=0, le=INT64_MAX)]  # beyond the vocabulary: a 400 from the engine
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -41,7 +42,7 @@ class SamplingFields(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_tokens: Annotated[int, Meta(ge=1, le=MAX_TOKENS_CAP)] | None = None  # None: what fits in the context
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
-    top_k: Annotated[int, Meta(ge=-1)] = -1  # -1 or 0: off
+    top_k: Annotated[int, Meta(ge=-1, le=INT64_MAX)] = -1  # -1 or 0: off
     min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
     n: Annotated[int, Meta(ge=1, le=MAX_N)] = 1
     stop: StopString | Annotated[list[StopString], Meta(max_length=MAX_STOP)] | None = None

@@ -18,7 +18,7 @@ from service.gateway.engine_client import DeadlineExceeded, EngineUnavailable, R
 from service.gateway.errors import ApiError, error_body, from_validation
 from service.gateway.keys import CLIENT, CONFIG, DRAINING, HEALTH, REQUEST_ID
 from service.gateway.metrics import RequestRecord
-from service.gateway.slow_clients import EventStream
+from service.gateway.slow_clients import ClientStalled, EventStream
 from shared import protocol as p
 
 T = TypeVar("T")
@@ -149,7 +149,10 @@ def request_record(outputs: list[p.Output], prompt_tokens: int, completion_token
 async def start_sse(request: web.Request, request_id: str) -> EventStream:
     response = web.StreamResponse(headers=SSE_HEADERS)
     response.headers["X-Request-Id"] = request_id
-    await response.prepare(request)
+    try:
+        await response.prepare(request)
+    except ConnectionResetError:
+        raise ClientStalled(response, "the client closed the connection") from None
     return EventStream(request, response, request.app[CONFIG].client_timeout_s)
 
 

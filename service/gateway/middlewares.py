@@ -41,8 +41,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = CLIENT_CLOSED  # the client went away; its request was aborted in the engine
         raise
     except ClientStalled as stalled:
-        status = CLIENT_CLOSED  # the client stopped reading; connection and request aborted
-        log.warning("client stopped reading; stream aborted", request_id=request_id)
+        status = CLIENT_CLOSED  # the client stopped reading or hung up; connection and request aborted
+        log.warning("stream aborted", reason=str(stalled), request_id=request_id)
         return stalled.response  # aiohttp finds its connection closed and lets it go
     finally:
         metrics.in_flight.dec({})

@@ -83,10 +83,11 @@ class GatewayRunner(web.AppRunner):
 
 
 class ClientStalled(Exception):
-    """The client stopped reading a stream; its connection has been aborted."""
+    """The client stopped reading a stream, or closed its connection: the stream is over
+    (a 499 in the log and the metrics) and its request is aborted in the engine."""
 
-    def __init__(self, response: web.StreamResponse) -> None:
-        super().__init__("the client stopped reading")
+    def __init__(self, response: web.StreamResponse, reason: str = "the client stopped reading") -> None:
+        super().__init__(reason)
         self.response = response
 
 
@@ -113,3 +114,5 @@ class EventStream:
             if transport is not None:
                 transport.abort()  # close() would wait for the full buffer to drain
             raise ClientStalled(self.response) from None
+        except ConnectionResetError:  # aiohttp's ClientConnectionResetError too: the client hung up
+            raise ClientStalled(self.response, "the client closed the connection") from None

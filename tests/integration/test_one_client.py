@@ -101,3 +101,63 @@ def test_service_answers_at_normal_speed_after_the_breaks(service: ServiceProces
     status, _, payload = post_raw(service, "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2}).encode())
     assert status == 200, payload[:300]
     assert time.monotonic() - started < 30
+
+
+def _log_lines_since(svc: ServiceProcess, offset: int) -> list[dict]:
+    text = svc.log_path.read_bytes()[offset:].decode(errors="replace")
+    lines = []
+    for line in text.splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            pass
+    return lines
+
+
+async def test_break_4_a_client_gone_mid_stream_is_a_499_without_a_traceback(service: ServiceProcess) -> None:
+    offset = service.log_path.stat().st_size
+    body = {"prompt": "hang up on me", "max_tokens": 400, "ignore_eos": True, "stream": True}
+
+    async def hang_up(i: int) -> str:
+        headers = {"X-Request-Id": f"hangup-{i}"}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            async with session.post(service.base_url + "/v1/completions", json=body, headers=headers) as resp:
+                assert resp.status == 200
+                for _ in range(1 + i % 5):  # a few events, then the connection is dropped
+                    await resp.content.readline()
+                resp.connection.transport.abort()  # type: ignore[union-attr]
+        return headers["X-Request-Id"]
+
+    async def hang_up_early(i: int) -> str:
+        """Gone at any moment: before the first event, while the stream is being prepared."""
+        request_id = f"hangup-early-{i}"
+        data = json.dumps(body).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+        writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"X-Request-Id: {request_id}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+        await writer.drain()
+        await asyncio.sleep(0.002 * i)
+        writer.transport.abort()
+        return request_id
+
+    ids = set(await asyncio.gather(*(hang_up(i) for i in range(15)), *(hang_up_early(i) for i in range(60))))
+
+    def logged() -> list[dict]:
+        return [e for e in _log_lines_since(service, offset) if e.get("request_id") in ids and "status" in e]
+
+    deadline = time.monotonic() + 30
+    while len(logged()) < len(ids) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    lines = _log_lines_since(service, offset)
+    assert {e["status"] for e in logged()} == {499}, logged()
+    assert not [e for e in lines if e.get("event") == "unhandled error"], "a disconnect logged as an unhandled error"
+    # and they were aborted in the engine: nothing of them keeps running
+    async with aiohttp.ClientSession() as session:
+        for _ in range(100):
+            async with session.get(f"http://127.0.0.1:{service.metrics_port}/metrics") as resp:
+                text = await resp.text()
+            running = next(float(x.split()[1]) for x in text.splitlines() if x.startswith("phi3_mini_requests_running "))
+            if running == 0:
+                break
+            await asyncio.sleep(0.2)
+        assert running == 0

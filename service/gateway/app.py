@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import hmac
+import uuid
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -15,7 +15,8 @@ from service.gateway.engine_client import EngineClient
 from service.gateway.health import HealthMonitor
 from service.gateway.keys import CLIENT, CONFIG, DRAINING, HEALTH, METRICS, STARTED
 from service.gateway.metrics import Metrics
-from service.gateway.middlewares import request_middleware
+from service.gateway.errors import ApiError, error_response
+from service.gateway.middlewares import check_api_key, request_middleware
 from service.gateway.routes import add_routes
 from service.gateway.slow_clients import GatewayRunner
 from shared import sd_notify
@@ -46,9 +47,10 @@ def create_metrics_app(main: web.Application) -> web.Application:
     app = web.Application()
 
     async def metrics(request: web.Request) -> web.Response:
-        key = main[CONFIG].api_key
-        if key and not hmac.compare_digest(request.headers.get("Authorization", "").encode(), f"Bearer {key}".encode()):
-            return web.Response(status=401, text="missing or invalid API key\n", headers={"WWW-Authenticate": "Bearer"})
+        try:
+            check_api_key(main[CONFIG].api_key, request)  # the API port's check, and its error
+        except ApiError as err:
+            return error_response(err, uuid.uuid4().hex)
         return await main[METRICS].handle(request, main[CLIENT])
 
     app.router.add_get("/metrics", metrics)

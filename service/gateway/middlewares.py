@@ -61,9 +61,9 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             log.info("request", **fields)
 
 
-def _check_api_key(request: web.Request) -> None:
-    """Deny by default when a key is configured: every route but /health needs it."""
-    key = request.app[CONFIG].api_key
+def check_api_key(key: str, request: web.Request) -> None:
+    """Deny by default when a key is configured: every route but /health needs it, on both
+    ports. The scheme is case-insensitive (RFC 7235)."""
     if not key or request.path == "/health":
         return
     given = request.headers.get("Authorization", "")
@@ -78,7 +78,7 @@ async def _handle(request: web.Request, handler: Handler, request_id: str, bad_i
         if bad_id:  # it travels in logs, headers and the engine's protocol: text only
             raise ApiError(400, f"{REQUEST_ID_HEADER} must be printable ASCII text (this answer's id is {request_id})",
                            REQUEST_ID_HEADER, "invalid_request_id")
-        _check_api_key(request)
+        check_api_key(request.app[CONFIG].api_key, request)
         response = await handler(request)
     except ApiError as err:
         if err.code in ("engine_unavailable", "draining", "timeout", "overloaded", "rate_limit_exceeded"):

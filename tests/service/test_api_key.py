@@ -42,12 +42,19 @@ async def test_the_right_key_passes(client: TestClient) -> None:
     assert resp.status == 200
 
 
-async def test_metrics_port_needs_the_key_too(aiohttp_client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_metrics_port_has_the_same_check_and_error(aiohttp_client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     main = create_app(Phi3MiniConfig(api_key="s3cret", runtime_dir=str(tmp_path)))
+    api = await aiohttp_client(main)
     metrics = await aiohttp_client(create_metrics_app(main))
-    assert (await metrics.get("/metrics")).status == 401
-    resp = await metrics.get("/metrics", headers={"Authorization": "Bearer s3cret"})
-    assert resp.status == 200 and "phi3_mini_requests_in_flight" in await resp.text()
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+        resp = await metrics.get("/metrics", headers=headers)
+        assert resp.status == 401 and resp.headers["WWW-Authenticate"] == "Bearer"
+        body = await resp.json()  # OpenAI's error JSON, as on the API port
+        assert body["error"]["code"] == "invalid_api_key" and body["error"]["type"] == "authentication_error"
+    for scheme in ("Bearer", "bearer", "BEARER"):  # RFC 7235: the scheme is case-insensitive, on both ports
+        resp = await metrics.get("/metrics", headers={"Authorization": f"{scheme} s3cret"})
+        assert resp.status == 200 and "phi3_mini_requests_in_flight" in await resp.text()
+        assert (await api.get("/v1/models", headers={"Authorization": f"{scheme} s3cret"})).status == 200
 
 
 async def test_no_cors_headers(client: TestClient) -> None:

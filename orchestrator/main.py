@@ -25,6 +25,7 @@ from shared import protocol as p
 from shared import sd_notify
 from shared.config import Phi3MiniConfig
 from shared.logging import get_logger
+from shared.runtime_dir import UnsafeRuntimeDir, ensure_private_dir, write_private_file
 
 log = get_logger(__name__)
 
@@ -122,11 +123,12 @@ class Orchestrator:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as exc:  # the runtime dir is the engine's to create; it may not exist yet
+        ensure_private_dir(path.parent)
+        write_private_file(path, data)
+    except UnsafeRuntimeDir as exc:
+        log.error("report not written: unsafe runtime dir", error=str(exc))
+    except OSError as exc:
         log.debug("report not written", path=str(path), error=str(exc))
 
 

@@ -24,6 +24,7 @@ from shared.config import Phi3MiniConfig
 if TYPE_CHECKING:
     from service.engine.server import EngineServer
 from shared.logging import get_logger
+from shared.runtime_dir import ensure_private_dir
 
 log = get_logger(__name__)
 
@@ -68,6 +69,7 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
     engine = None
     try:
         started = time.monotonic()
+        ensure_private_dir(config.socket_dir())  # before the slow part: an unsafe dir stops the start
         model = settings.resolve_model(config)
         args = settings.engine_args(config, model, cpu)
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -153,7 +155,7 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
 
 async def _listen(loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.Protocol],
                   path: Path) -> asyncio.Server:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ensure_private_dir(path.parent)  # UnsafeRuntimeDir: a failed start, with its reason in the log
     with contextlib.suppress(FileNotFoundError):
         path.unlink()  # a stale socket from a killed worker
     old_umask = os.umask(0o177)  # the socket file is created 0600

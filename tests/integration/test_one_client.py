@@ -8,6 +8,7 @@ import gzip
 import json
 import socket
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -161,3 +162,36 @@ async def test_break_4_a_client_gone_mid_stream_is_a_499_without_a_traceback(ser
                 break
             await asyncio.sleep(0.2)
         assert running == 0
+
+
+def test_break_7_a_runtime_dir_of_another_user_is_refused(tmp_path: Path) -> None:
+    """An existing /tmp/citadel-llm-0-<port> owned by another user, mode 0777, was used as it
+    was: a link placed there let the root orchestrator overwrite a root-owned file."""
+    import os
+    import subprocess
+    import sys
+
+    if os.getuid() != 0:
+        pytest.skip("needs root to make a dir of another user")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    theirs.chmod(0o777)
+    os.chown(theirs, 65534, 65534)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (theirs / "efficiency.json").symlink_to(victim)
+    env = {**ServiceProcess().env, "PHI_3_MINI_RUNTIME_DIR": str(theirs)}
+    for role in ("engine", "orchestrator"):
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", role], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        try:
+            out, _ = proc.communicate(timeout=8 if role == "orchestrator" else 120)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            out, _ = proc.communicate(timeout=30)
+        text = out.decode(errors="replace")
+        assert "belongs to uid 65534" in text, text[-2000:]
+        if role == "engine":
+            assert proc.returncode == 2, text[-2000:]  # a failed start, before loading anything
+    assert victim.read_bytes() == b"precious"
+    assert not (theirs / "engine.sock").exists()

@@ -24,6 +24,14 @@ class FrameError(Exception):
     """The peer sent something that is not a valid frame: the connection is dropped."""
 
 
+class FrameTooLarge(ValueError):
+    """A message to send would not fit one frame; nothing was sent."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"a message of {size / 2**20:.1f} MiB exceeds the {MAX_FRAME_BYTES >> 20} MiB frame cap")
+        self.size = size
+
+
 class FrameEncoder:
     """Encodes messages into one reused buffer, each with its length prefix."""
 
@@ -34,7 +42,11 @@ class FrameEncoder:
     def encode(self, msg: Any) -> bytes:
         buf = self._buf
         self._encoder.encode_into(msg, buf, _HEADER.size)
-        _HEADER.pack_into(buf, 0, len(buf) - _HEADER.size)
+        size = len(buf) - _HEADER.size
+        if size > MAX_FRAME_BYTES:  # the peer would drop the whole connection for it
+            del buf[64:]  # do not keep the large buffer around
+            raise FrameTooLarge(size)
+        _HEADER.pack_into(buf, 0, size)
         return bytes(buf)
 
 
@@ -96,7 +108,8 @@ class FrameConnection(asyncio.Protocol, Generic[M]):
 
     # -- sending
     def send(self, msg: Any) -> bool:
-        """Queue one message; False when the connection is gone."""
+        """Queue one message; False when the connection is gone. FrameTooLarge (nothing
+        sent) when it would not fit one frame."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return False

@@ -18,7 +18,7 @@ from typing import Any
 from service.engine.admission import Admission, Refused, Ticket
 from service.engine.stats import Counters, SchedulerSnapshot
 from shared import protocol as p
-from shared.framing import FrameConnection
+from shared.framing import FrameConnection, FrameTooLarge
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -358,6 +358,23 @@ class EngineConnection(FrameConnection[p.GatewayMessage]):
             # the socket is 0600 already; this also holds if its folder is ever shared
             log.warning("refusing a peer of another user", conn=self.conn_id, peer_uid=uid)
             transport.close()
+
+    def send(self, msg: Any) -> bool:
+        """An answer too large for one frame fails its own request, never the connection
+        that every other request shares."""
+        try:
+            return super().send(msg)
+        except FrameTooLarge as exc:
+            rid = getattr(msg, "rid", None)
+            if rid is None:
+                raise
+            log.warning("answer too large for a frame: request failed", rid=rid, size_mib=round(exc.size / 2**20, 1))
+            task = self.requests.get(rid)
+            if task is not None:
+                task.cancel()  # a stream would go on generating for no one: aborted in vLLM
+            return super().send(p.Failure(rid, 400, f"The answer is too large to return: {exc}; ask for fewer "
+                                                    "choices (n), tokens (max_tokens) or log-probabilities",
+                                          code="answer_too_large"))
 
     def on_message(self, msg: p.GatewayMessage) -> None:
         match msg:

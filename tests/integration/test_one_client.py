@@ -195,3 +195,44 @@ def test_break_7_a_runtime_dir_of_another_user_is_refused(tmp_path: Path) -> Non
             assert proc.returncode == 2, text[-2000:]  # a failed start, before loading anything
     assert victim.read_bytes() == b"precious"
     assert not (theirs / "engine.sock").exists()
+
+
+def _longest_tokens(count: int) -> list[int]:
+    from tests.helpers import demo_model_dir
+
+    vocab = json.loads((demo_model_dir() / "tokenizer.json").read_text())["model"]["vocab"]
+    return [i for _, i in sorted(((-len(tok), i) for tok, i in vocab.items()))[:count]]
+
+
+async def test_break_1_an_answer_too_large_for_a_frame_fails_alone(service: ServiceProcess) -> None:
+    """One valid request whose answer passed the 16 MiB frame cap dropped the worker's shared
+    connection: every other request in flight got 503 and /health flickered."""
+    bias = {str(t): 100 for t in _longest_tokens(2)}
+    big = {"prompt": "a", "max_tokens": 2040, "n": 16, "logprobs": 20, "ignore_eos": True, "logit_bias": bias}
+    normal = {"prompt": "others", "max_tokens": 200, "ignore_eos": True}
+    health: list[int] = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=280)) as session:
+        async def post(body: dict) -> tuple[int, dict]:
+            async with session.post(service.base_url + "/v1/completions", json=body) as resp:
+                return resp.status, await resp.json()
+
+        async def others() -> list[tuple[int, dict]]:
+            results = []
+            while not big_task.done():
+                results += await asyncio.gather(*(post(normal) for _ in range(4)))
+            return results
+
+        async def poll_health() -> None:
+            while not big_task.done():
+                async with session.get(service.base_url + "/health") as resp:
+                    health.append(resp.status)
+                await asyncio.sleep(0.2)
+
+        big_task = asyncio.ensure_future(post(big))
+        other_results, _ = await asyncio.gather(others(), poll_health())
+        status, doc = await big_task
+    assert status == 400 and doc["error"]["code"] == "answer_too_large", (status, str(doc)[:300])
+    assert "16 MiB frame cap" in doc["error"]["message"]
+    assert other_results and {s for s, _ in other_results} == {200}, {s for s, _ in other_results}
+    assert all(d["usage"]["completion_tokens"] == 200 for _, d in other_results)
+    assert set(health) == {200}, health

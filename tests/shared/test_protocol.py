@@ -108,3 +108,12 @@ async def test_frames_over_a_real_unix_socket(tmp_path) -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_a_message_over_the_frame_cap_is_refused_at_the_sender() -> None:
+    from shared.framing import MAX_FRAME_BYTES, FrameEncoder, FrameTooLarge
+
+    encoder = FrameEncoder()
+    with pytest.raises(FrameTooLarge, match="16 MiB frame cap"):
+        encoder.encode(b"x" * (MAX_FRAME_BYTES + 1))
+    assert len(encoder.encode(b"ok")) < 64  # the encoder is still usable, its buffer small again

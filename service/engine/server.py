@@ -13,6 +13,8 @@ import os
 import socket
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from service.engine.admission import Admission, Refused, Ticket
@@ -24,6 +26,7 @@ from shared.logging import get_logger
 log = get_logger(__name__)
 _debug = False  # set by the worker's main when log_level is DEBUG
 
+INLINE_TOKENIZE_CHARS = 8192  # texts up to this are tokenized on the loop (~0.1 ms); longer ones on a thread
 _FINISH = {"stop": p.FinishReason.STOP, "length": p.FinishReason.LENGTH, "abort": p.FinishReason.ABORT}
 
 
@@ -55,6 +58,7 @@ class EngineServer:
         self.dead = asyncio.Event()  # set when the engine core has died
         self.last_output = time.monotonic()  # when the engine last produced anything
         self._tasks: set[asyncio.Task[None]] = set()
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
         self._conn_ids = itertools.count(1)
         self._SamplingParams = SamplingParams
         self._TokensPrompt = TokensPrompt
@@ -94,7 +98,21 @@ class EngineServer:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _chat_ids(self, chat: list[p.ChatMessage]) -> list[int]:
+    async def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`. A long text is tokenized on the tokenizer's own thread (one,
+        so tokenizing takes at most that much of the CPU): the loop that serves every other
+        request and the progress probe never waits for it (30 x 1 MB /tokenize stalled it)."""
+        if len(text) <= INLINE_TOKENIZE_CHARS:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)  # type: ignore[no-any-return]
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenizer_thread, partial(self.tokenizer.encode, text, add_special_tokens=add_special_tokens))
+
+    async def _decode(self, ids: list[int]) -> str:
+        if len(ids) <= INLINE_TOKENIZE_CHARS // 4:
+            return self.tokenizer.decode(ids)  # type: ignore[no-any-return]
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, self.tokenizer.decode, ids)
+
+    async def _chat_ids(self, chat: list[p.ChatMessage]) -> list[int]:
         if not chat:
             raise RequestError("messages must not be empty", "messages")
         try:
@@ -102,13 +120,13 @@ class EngineServer:
                 [{"role": m.role, "content": m.content} for m in chat], add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # a template may reject a conversation (e.g. role order)
             raise RequestError(f"messages cannot be rendered with the chat template: {exc}", "messages") from None
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return await self._encode(text, add_special_tokens=False)
 
-    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+    async def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
                 raise RequestError("prompt must not be empty", "prompt")
-            ids: list[int] = self.tokenizer.encode(prompt)
+            ids: list[int] = await self._encode(prompt)
         else:
             ids = prompt
             if not ids:
@@ -174,11 +192,14 @@ class EngineServer:
         finished = False
         try:
             self.admission.check()  # before tokenizing: refusing must be the cheapest answer
-            ids = self._fit(self._chat_ids(msg.chat), "messages") if msg.chat is not None else self._prompt_ids(msg.prompt)
+            if msg.chat is not None:
+                ids = self._fit(await self._chat_ids(msg.chat), "messages")
+            else:
+                ids = await self._prompt_ids(msg.prompt)
             params = self._sampling(msg.params, len(ids), msg.stream)
             echo = ""
             if msg.echo:
-                echo = msg.prompt if isinstance(msg.prompt, str) else self.tokenizer.decode(ids)
+                echo = msg.prompt if isinstance(msg.prompt, str) else await self._decode(ids)
                 if msg.stream:
                     conn.send(p.Output(rid, [p.Choice(i, echo, 0) for i in range(msg.params.n)]))
                     echo = ""
@@ -252,17 +273,17 @@ class EngineServer:
         log.info("request refused", request_id=msg.request_id, status=status, param=param, reason=message)
         conn.send(p.Failure(msg.rid, status, message, param))
 
-    def tokenize(self, msg: p.Tokenize | p.Detokenize) -> p.TokenizeResult | p.Failure:
+    async def tokenize(self, msg: p.Tokenize | p.Detokenize) -> p.TokenizeResult | p.Failure:
         try:
             if isinstance(msg, p.Detokenize):
                 bad = next((t for t in msg.tokens if not 0 <= t < self.vocab_size), None)
                 if bad is not None:
                     raise RequestError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})", "tokens")
-                return p.TokenizeResult(msg.rid, msg.tokens, self.tokenizer.decode(msg.tokens))
+                return p.TokenizeResult(msg.rid, msg.tokens, await self._decode(msg.tokens))
             if msg.chat is not None:
-                ids = self._chat_ids(msg.chat)
+                ids = await self._chat_ids(msg.chat)
             else:
-                ids = self.tokenizer.encode(msg.text or "", add_special_tokens=msg.add_special_tokens)
+                ids = await self._encode(msg.text or "", add_special_tokens=msg.add_special_tokens)
             return p.TokenizeResult(msg.rid, ids, msg.text or "")
         except RequestError as exc:
             return p.Failure(msg.rid, exc.status, str(exc), exc.param)
@@ -305,6 +326,7 @@ class EngineServer:
             task.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5.0)
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
 
 def _logprobs(completion: Any, k: int | None) -> list[p.TokenLogprob]:
@@ -388,7 +410,10 @@ class EngineConnection(FrameConnection[p.GatewayMessage]):
             case p.SetLimits() if self.greeted and self.control:
                 self.send(self.server.set_limits(msg))
             case p.Tokenize() | p.Detokenize() if self.greeted:
-                self.send(self.server.tokenize(msg))
+                if msg.rid in self.requests:
+                    self.send(p.Failure(msg.rid, 400, f"rid {msg.rid} is already in flight"))
+                    return
+                self.requests[msg.rid] = asyncio.get_running_loop().create_task(self._tokenize(msg))
             case p.Abort(rid=rid):
                 task = self.requests.pop(rid, None)
                 if task is not None:
@@ -404,6 +429,12 @@ class EngineConnection(FrameConnection[p.GatewayMessage]):
                 log.warning("message before handshake or on the wrong socket: closing connection",
                             conn=self.conn_id, message=type(msg).__name__, control=self.control)
                 self.close()
+
+    async def _tokenize(self, msg: p.Tokenize | p.Detokenize) -> None:
+        try:
+            self.send(await self.server.tokenize(msg))
+        finally:
+            self.requests.pop(msg.rid, None)
 
     def on_lost(self, exc: Exception | None) -> None:
         # The peer is gone: abort everything it asked for.

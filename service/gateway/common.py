@@ -125,8 +125,8 @@ def engine_error(exc: Exception) -> ApiError:
         f = exc.failure
         headers = {"Retry-After": str(max(1, math.ceil(f.retry_after_s)))} if f.status == 429 else None
         return ApiError(f.status, f.message, f.param, f.code, headers)
-    if isinstance(exc, DeadlineExceeded):
-        return ApiError(504, f"Request deadline exceeded: {exc}", code="timeout")
+    if isinstance(exc, (DeadlineExceeded, TimeoutError)):  # TimeoutError: a tokenize call's own deadline
+        return ApiError(504, f"Request deadline exceeded: {exc or 'no answer in time'}", code="timeout")
     return ApiError(503, f"The engine is unavailable: {exc}", code="engine_unavailable",
                     headers={"Retry-After": "1"})
 

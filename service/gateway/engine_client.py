@@ -193,7 +193,8 @@ class EngineClient:
         try:
             return await asyncio.wait_for(fut, timeout_s)
         finally:
-            self._sinks.pop(rid, None)
+            if self._sinks.pop(rid, None) is not None and self._conn is conn:
+                conn.send(p.Abort(rid))  # no one waits for it any more (timeout or cancel)
 
     async def stats(self, timeout_s: float, window_s: float = 10.0) -> p.EngineStats:
         """The engine's current state; latency percentiles over the last window_s."""

@@ -22,6 +22,10 @@ from shared.logging import get_logger
 log = get_logger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 5.0
+# Deltas of one streamed request waiting for its client to take them (the kernel's socket
+# buffers hold far more before any wait here): beyond this the reader is not reading, and
+# the request is aborted in the engine, so that a stalled reader costs a bounded amount.
+STREAM_BACKLOG = 64
 RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 2.0
 
@@ -165,6 +169,12 @@ class EngineClient:
         if sink is None:
             return  # aborted already
         if isinstance(sink, asyncio.Queue):
+            if sink.qsize() >= STREAM_BACKLOG and not isinstance(msg, p.Failure):
+                self._abort([r for r, s in self._sinks.items() if s is sink])  # all prompts of the request
+                sink.put_nowait(RequestFailed(p.Failure(
+                    rid, 408, f"The client did not read the stream: more than {STREAM_BACKLOG} events waited for it; "
+                              "the request was aborted", code="client_too_slow")))
+                return
             sink.put_nowait(msg)
             if isinstance(msg, p.Failure) or msg.finished:
                 del self._sinks[rid]

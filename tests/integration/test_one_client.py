@@ -7,6 +7,7 @@ import asyncio
 import gzip
 import json
 import socket
+import urllib.request
 import time
 from pathlib import Path
 
@@ -236,3 +237,45 @@ async def test_break_1_an_answer_too_large_for_a_frame_fails_alone(service: Serv
     assert other_results and {s for s, _ in other_results} == {200}, {s for s, _ in other_results}
     assert all(d["usage"]["completion_tokens"] == 200 for _, d in other_results)
     assert set(health) == {200}, health
+
+
+def test_break_6_a_stream_reader_that_stops_reading_costs_a_bounded_amount(service: ServiceProcess) -> None:
+    """Two streams whose clients stopped reading made the gateway buffer everything the engine
+    kept producing (RSS 94 -> 187 MB) until the 15 s stall deadline."""
+    import psutil
+
+    gateway = service.children()["gateway"]
+    bias = {str(t): 100 for t in _longest_tokens(2)}  # long tokens: large events
+    body = json.dumps({"prompt": "a", "max_tokens": 2000, "n": 16, "logprobs": 5, "ignore_eos": True,
+                       "logit_bias": bias, "stream": True}).encode()
+    before = gateway.memory_info().rss
+    peak = before
+    socks = []
+    started = time.monotonic()
+    try:
+        for _ in range(2):
+            sock = socket.create_connection(("127.0.0.1", service.port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and then it never reads
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            socks.append(sock)
+        running = 2.0
+        while time.monotonic() - started < 60:
+            peak = max(peak, gateway.memory_info().rss)
+            with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=10) as resp:
+                text = resp.read().decode()
+            running = next(float(x.split()[1]) for x in text.splitlines() if x.startswith("phi3_mini_requests_running "))
+            if running == 0 and time.monotonic() - started > 1:
+                break
+            time.sleep(0.2)
+        aborted_after_s = time.monotonic() - started
+    finally:
+        for sock in socks:
+            sock.close()
+    assert running == 0, "the streams nobody reads still run in the engine"
+    grown_mb = (peak - before) / 2**20
+    print(f"streams nobody reads: aborted after {aborted_after_s:.1f} s, gateway grew {grown_mb:.1f} MB")
+    assert grown_mb < 12, f"gateway grew {grown_mb:.0f} MB"  # 2 x 64 events of ~30 KB, decoded
+    assert psutil.pid_exists(gateway.pid)
+    status, _, payload = post_raw(service, "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2}).encode())
+    assert status == 200, payload[:300]

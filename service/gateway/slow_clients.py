@@ -16,6 +16,9 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from service.gateway.errors import error_body
 
 from shared.logging import get_logger
 
@@ -44,6 +47,20 @@ class _HeadDeadlineHandler(RequestHandler):
         self._cancel_head_timer()
         super().connection_lost(exc)
 
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """aiohttp's own errors (a request it cannot parse: bad method, over-long line,
+        malformed header) in OpenAI's error JSON like every other, never echoing the request."""
+        plain = super().handle_error(request, status, exc, message)  # logs; raises if a response began
+        text = _PROTOCOL_ERRORS.get(type(exc).__name__, "Malformed HTTP request" if status < 500
+                                    else "Internal server error")
+        response = web.Response(status=status, body=error_body(status, text, code="invalid_http_request"
+                                                               if status < 500 else None),
+                                content_type="application/json")
+        response.force_close()
+        del plain
+        return response
+
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
@@ -57,6 +74,17 @@ class _HeadDeadlineHandler(RequestHandler):
         log.warning("closed a connection whose request head did not arrive in time",
                     peer=str(peer), client_timeout_s=self._head_timeout_s)
         self.transport.abort()
+
+
+_PROTOCOL_ERRORS = {
+    "BadHttpMethod": "Invalid HTTP method",
+    "LineTooLong": "Request line or header too long",
+    "BadStatusLine": "Invalid HTTP request line",
+    "InvalidHeader": "Invalid HTTP header",
+    "InvalidURLError": "Invalid request URL",
+    "TransferEncodingError": "Invalid Transfer-Encoding",
+    "ContentLengthError": "Invalid Content-Length",
+}
 
 
 class _Server(web.Server):

@@ -279,3 +279,19 @@ def test_break_6_a_stream_reader_that_stops_reading_costs_a_bounded_amount(servi
     assert psutil.pid_exists(gateway.pid)
     status, _, payload = post_raw(service, "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2}).encode())
     assert status == 200, payload[:300]
+
+
+@pytest.mark.parametrize("name, request_bytes", [
+    ("bad method", b"G<T> /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ("over-long line", b"GET /" + b"SECRETSECRET" * 1000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ("over-long header", b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"SECRETSECRET" * 1000 + b"\r\n\r\n"),
+    ("malformed header", b"GET /v1/models HTTP/1.1\r\nHost: x\r\nNo colon SECRETSECRET\r\n\r\n"),
+])
+def test_break_10_aiohttps_own_protocol_errors_are_openai_json(service: ServiceProcess, name: str,
+                                                               request_bytes: bytes) -> None:
+    status, headers, payload = raw_http(service, request_bytes)
+    assert 400 <= status < 500, (name, status, payload[:200])
+    assert headers["content-type"].startswith("application/json"), (name, headers)
+    doc = json.loads(payload)
+    assert doc["error"]["type"] == "invalid_request_error" and doc["error"]["code"] == "invalid_http_request"
+    assert b"SECRET" not in payload and b"G<T>" not in payload  # nothing of the request is echoed

@@ -1,17 +1,21 @@
-"""Property-based requests on both generation routes: at least 500 generated requests each,
-mixing valid and hostile values. No 5xx, every response valid against /openapi.json, and
-the engine healthy afterwards."""
+"""Property-based requests on every route that takes a body: at least 500 generated requests
+on each generation route and 300 on /tokenize and /detokenize, mixing valid values with
+values from the whole JSON space (unbounded and huge integers, NaN and Infinity as JSON
+extensions, deep nesting, strings of every Unicode class including lone surrogates, wrong
+types in every field). No 5xx, every response valid against /openapi.json, and afterwards
+the engine healthy and a normal request answered at normal speed. Fixed seed."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from tests.helpers import ServiceProcess
@@ -20,11 +24,18 @@ pytestmark = pytest.mark.integration
 
 EXAMPLES = 520
 
-garbage = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=False),
-                    st.text(max_size=12), st.lists(st.integers(-5, 5), max_size=3), st.just({}),
-                    st.just([]), st.just("NaN"))
+any_text = st.text(st.characters(categories=["Cs", "Lu", "Ll", "Lo", "Nd", "So", "Zs", "Cc", "Co", "Mn", "Cf"]),
+                   max_size=12)
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | any_text,
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(any_text, inner, max_size=3),
+                           max_leaves=12)
+garbage = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.integers(),
+                    st.integers(2**63 - 2, 2**70), st.integers(-(2**70), -(2**63)),
+                    st.floats(),  # NaN and +-Infinity go out as the JSON extensions NaN / Infinity
+                    st.text(max_size=12), any_text, st.lists(st.integers(-5, 5), max_size=3), st.just({}),
+                    st.just([]), st.just("NaN"), json_values)
 small_text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
-token_ids = st.lists(st.integers(-3, 5000), min_size=0, max_size=12)
+token_ids = st.lists(st.one_of(st.integers(-3, 5000), st.integers(2**63 - 2, 2**70)), min_size=0, max_size=12)
 stops = st.one_of(small_text, st.lists(small_text, max_size=20))
 common = {
     "model": st.one_of(st.sampled_from(["phi-3-mini", "microsoft/Phi-3-mini-4k-instruct", "gpt-4"]), garbage),
@@ -90,7 +101,16 @@ def bodies(hostile: dict[str, Any], valid: dict[str, Any], required: str) -> st.
         return st.fixed_dictionaries({required: fields[required], "max_tokens": fields["max_tokens"]},
                                      optional={k: v for k, v in fields.items() if k not in (required, "max_tokens")})
     hostile_bodies = build(hostile).map(lambda d: {k: v for k, v in d.items() if k != "bogus_param" or len(d) % 7 == 0})
-    return st.one_of(build(valid), hostile_bodies, garbage)
+    return st.one_of(build(valid), hostile_bodies, garbage, deep_bodies(required))
+
+
+def deep_bodies(field: str) -> st.SearchStrategy[bytes]:
+    """Nesting far deeper than any parser's recursion limit, as raw JSON."""
+    def body(depth: int, opener: bytes) -> bytes:
+        closer = b"]" if opener == b"[" else b"}"
+        inner = opener * depth if opener == b"[" else b'{"a":' * depth
+        return b'{"' + field.encode() + b'": ' + inner + b"1" * (opener == b"{") + closer * depth + b"}"
+    return st.builds(body, st.integers(50, 20_000), st.sampled_from([b"[", b"{"]))
 
 
 class Checker:
@@ -110,7 +130,7 @@ class Checker:
         return jsonschema.Draft202012Validator({**schema, "components": self.doc["components"]})
 
     def post(self, path: str, body: Any) -> None:
-        raw = json.dumps(body).encode()
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.conn.request("POST", path, body=raw, headers={"Content-Type": "application/json"})
         resp = self.conn.getresponse()
         data = resp.read()
@@ -130,7 +150,7 @@ class Checker:
 
 
 @pytest.fixture(scope="module")
-def checker(service: ServiceProcess) -> Iterator[Checker]:
+def checker(service: ServiceProcess, normal_speed_s: float) -> Iterator[Checker]:
     checker = Checker(service)
     yield checker
     checker.conn.close()
@@ -141,29 +161,67 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                                        HealthCheck.data_too_large, HealthCheck.filter_too_much])
 
 
-@pytest.mark.parametrize(("path", "hostile", "valid", "required"), [
-    ("/v1/completions", completion_fields, valid_completion, "prompt"),
-    ("/v1/chat/completions", chat_fields, valid_chat, "messages"),
-], ids=["completions", "chat"])
+tokenize_fields = {"model": common["model"], "max_tokens": garbage,  # max_tokens: an unknown field here
+                   "prompt": st.one_of(small_text, any_text, garbage),
+                   "messages": st.one_of(st.lists(message, max_size=3), garbage),
+                   "add_special_tokens": st.one_of(st.booleans(), garbage), "bogus_param": garbage}
+valid_tokenize = {"model": valid_common["model"], "max_tokens": st.just(None),
+                  "prompt": st.text(min_size=1, max_size=60), "messages": st.just(None),
+                  "add_special_tokens": st.booleans()}
+detokenize_fields = {"model": common["model"], "max_tokens": garbage, "tokens": st.one_of(token_ids, garbage),
+                     "bogus_param": garbage}
+valid_detokenize = {"model": valid_common["model"], "max_tokens": st.just(None),
+                    "tokens": st.lists(st.integers(0, 4000), max_size=20)}
+
+
+def _drop_none(body: Any) -> Any:
+    return {k: v for k, v in body.items() if v is not None} if isinstance(body, dict) else body
+
+
+@pytest.mark.parametrize(("path", "hostile", "valid", "required", "examples"), [
+    ("/v1/completions", completion_fields, valid_completion, "prompt", EXAMPLES),
+    ("/v1/chat/completions", chat_fields, valid_chat, "messages", EXAMPLES),
+    ("/tokenize", tokenize_fields, valid_tokenize, "prompt", 300),
+    ("/detokenize", detokenize_fields, valid_detokenize, "tokens", 300),
+], ids=["completions", "chat", "tokenize", "detokenize"])
 def test_fuzz_route(checker: Checker, path: str, hostile: dict[str, Any], valid: dict[str, Any],
-                    required: str) -> None:
+                    required: str, examples: int) -> None:
     before = checker.sent
 
-    @FUZZ
-    @given(bodies(hostile, valid, required))
+    @seed(20261127)
+    @settings(FUZZ, max_examples=examples)
+    @given(bodies(hostile, valid, required).map(_drop_none))
     def run(body: Any) -> None:
         checker.post(path, body)
 
     checker.statuses.clear()
     run()
-    assert checker.sent - before >= 500
+    assert checker.sent - before >= examples - 20
     print(path, "statuses", checker.statuses)
     assert checker.statuses.get(200, 0) >= 25  # the generator reaches the engine, not only the validator
 
 
-def test_engine_healthy_after_fuzzing(checker: Checker, service: ServiceProcess) -> None:
+@pytest.fixture(scope="module")
+def normal_speed_s(service: ServiceProcess) -> float:
+    """A normal request's time before any fuzzing (the best of three)."""
+    checker = Checker(service)
+    best = float("inf")
+    for _ in range(3):
+        started = time.monotonic()
+        checker.post("/v1/completions", {"prompt": "before", "max_tokens": 8, "ignore_eos": True})
+        best = min(best, time.monotonic() - started)
+    checker.conn.close()
+    return best
+
+
+def test_engine_healthy_after_fuzzing(checker: Checker, service: ServiceProcess, normal_speed_s: float) -> None:
     assert service.wait_healthy(10)["status"] == "healthy"
-    checker.post("/v1/completions", {"prompt": "still fine", "max_tokens": 2})
+    best = float("inf")
+    for _ in range(3):
+        started = time.monotonic()
+        checker.post("/v1/completions", {"prompt": "still fine", "max_tokens": 8, "ignore_eos": True})
+        best = min(best, time.monotonic() - started)
+    assert best < max(1.0, 5 * normal_speed_s), (best, normal_speed_s)
     # nothing leaked: no request left running in the engine
     conn = http.client.HTTPConnection("127.0.0.1", service.metrics_port, timeout=30)
     conn.request("GET", "/metrics")

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if role == "serve":
         from service.supervisor import run_serve
 
-        return run_serve(os.environ.get("PHI_3_MINI_CONFIG"))
+        return run_serve(config, os.environ.get("PHI_3_MINI_CONFIG"))
     if role == "engine":
         from service.engine.main import run_engine
 

@@ -6,7 +6,7 @@
 #
 # --prefix DIR   install under DIR instead of / (tests; no user, chown or systemctl then)
 # --instance     the instance name (default phi-3-mini): config services/NAME.yaml, NAME.env
-# --gpu          install the project with the gpu extra and the engine's GPU device drop-in
+# --gpu          install the project with the gpu extra and the GPU device drop-in
 # --skip-venv    do not create /opt/citadel/venv (it is the slow part)
 set -euo pipefail
 
@@ -58,9 +58,14 @@ if [ ! -e "$ENV_FILE" ]; then
 fi
 
 # Units: always the shipped ones (same input, same files).
-for unit in citadel-llm@.service citadel-llm-engine@.service citadel-llm-gateway@.service \
-            citadel-llm-orchestrator@.service; do
-  install -m 0644 "$SRC/deploy/systemd/$unit" "$UNIT_DIR/$unit"
+install -m 0644 "$SRC/deploy/systemd/citadel-llm@.service" "$UNIT_DIR/citadel-llm@.service"
+# Earlier installs had one unit per role; citadel-llm@.service now runs all three (stop them first).
+for old in citadel-llm-engine@.service citadel-llm-gateway@.service citadel-llm-orchestrator@.service \
+           citadel-llm-engine@.service.d; do
+  if [ -e "$UNIT_DIR/$old" ]; then
+    rm -rf "${UNIT_DIR:?}/$old"
+    say "removed $UNIT_DIR/$old (the roles now run under citadel-llm@.service)"
+  fi
 done
 
 # The slice's cap comes from the instance's memory_gb and cpu_cores.
@@ -80,10 +85,10 @@ sed -e "s/@MEMORY_GB@/$MEMORY_GB/" -e "s/@CPU_CORES@/$CPU_CORES/" \
 chmod 0644 "$UNIT_DIR/citadel-llm.slice.tmp"
 mv -f "$UNIT_DIR/citadel-llm.slice.tmp" "$UNIT_DIR/citadel-llm.slice"
 
-DROPIN="$UNIT_DIR/citadel-llm-engine@.service.d"
+DROPIN="$UNIT_DIR/citadel-llm@.service.d"
 if [ "$EXTRA" = gpu ]; then
   install -d -m 0755 "$DROPIN"
-  install -m 0644 "$SRC/deploy/systemd/gpu/citadel-llm-engine-gpu.conf" "$DROPIN/gpu.conf"
+  install -m 0644 "$SRC/deploy/systemd/gpu/citadel-llm-gpu.conf" "$DROPIN/gpu.conf"
 fi
 
 install -m 0644 "$SRC/docs/OPERATIONS.md" "$R/opt/citadel/docs/OPERATIONS.md"

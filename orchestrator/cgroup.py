@@ -60,8 +60,8 @@ class CgroupReader:
         return CgroupSample(path="", version=0)
 
     def _limited(self, folder: Path) -> Path:
-        """The folder itself or its nearest ancestor with a memory limit: under systemd's
-        per-role units the limit is on citadel-llm.slice, which holds all three."""
+        """The folder itself or its nearest ancestor with a memory limit: under systemd the
+        limit is on citadel-llm.slice, which holds the instance's unit."""
         at = folder
         while at != self.root and self.root in at.parents:
             if _read_int(at / "memory.max") is not None:

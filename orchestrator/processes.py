@@ -1,9 +1,9 @@
 """psutil's view of the service: every process of it (RSS, CPU over the last interval) and the
 host's memory.
 
-Which processes: under `citadel-llm serve`, the supervisor (this process's parent) and
-everything under it; under systemd's per-role units, the processes whose title starts with
-"citadel-llm" (the roles set their titles), and their children.
+Which processes: under `citadel-llm serve` (also what systemd's unit runs), the supervisor
+(this process's parent) and everything under it; run alone, the processes whose title starts
+with "citadel-llm" (the roles set their titles), and their children.
 """
 
 from __future__ import annotations

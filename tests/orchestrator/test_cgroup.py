@@ -86,15 +86,15 @@ def test_this_machine() -> None:
     assert s.version in (1, 2) and s.memory_current_mb is not None and s.memory_current_mb > 0
 
 
-def test_v2_per_role_units_read_the_slice_that_holds_the_limit(tmp_path: Path) -> None:
+def test_v2_unit_reads_the_slice_that_holds_the_limit(tmp_path: Path) -> None:
     root = tmp_path / "cgroup"
     write(root / "cgroup.controllers", "memory\n")
     slice_ = root / "citadel-llm.slice"
     write(slice_ / "memory.max", str(4 << 30))
     write(slice_ / "memory.current", str(1800 << 20))
-    unit = slice_ / "citadel-llm-orchestrator@phi-3-mini.service"
+    unit = slice_ / "citadel-llm@phi-3-mini.service"
     write(unit / "memory.max", "max\n")
     write(unit / "memory.current", str(30 << 20))
-    proc = proc_with(tmp_path, "0::/citadel-llm.slice/citadel-llm-orchestrator@phi-3-mini.service\n")
+    proc = proc_with(tmp_path, "0::/citadel-llm.slice/citadel-llm@phi-3-mini.service\n")
     s = CgroupReader(PID, root=root, proc=proc).sample()
     assert s.path == str(slice_) and (s.memory_current_mb, s.memory_max_mb) == (1800.0, 4096.0)

@@ -23,6 +23,7 @@ from service.notify_socket import NotifySocket
 from shared import sd_notify
 from shared.config import Phi3MiniConfig
 from shared.logging import get_logger
+from shared.runtime_dir import UnsafeRuntimeDir, ensure_private_dir
 
 log = get_logger(__name__)
 
@@ -110,8 +111,11 @@ def run_serve(config: Phi3MiniConfig, config_path: str | None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    runtime_dir = config.socket_dir()
-    runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        runtime_dir = ensure_private_dir(config.socket_dir())
+    except UnsafeRuntimeDir as exc:
+        log.error("serve cannot start", error=str(exc))
+        return 2
     watchdog_s = child_watchdog_s()
     children = {role: Child(role, NotifySocket(_notify_path(runtime_dir, role))) for role in ROLES}
     for child in children.values():

@@ -182,7 +182,7 @@ def test_break_7_a_runtime_dir_of_another_user_is_refused(tmp_path: Path) -> Non
     victim.write_bytes(b"precious")
     (theirs / "efficiency.json").symlink_to(victim)
     env = {**ServiceProcess().env, "PHI_3_MINI_RUNTIME_DIR": str(theirs)}
-    for role in ("engine", "orchestrator"):
+    for role in ("serve", "engine", "orchestrator"):
         proc = subprocess.Popen([sys.executable, "-m", "service.cli", role], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
         try:
@@ -192,7 +192,7 @@ def test_break_7_a_runtime_dir_of_another_user_is_refused(tmp_path: Path) -> Non
             out, _ = proc.communicate(timeout=30)
         text = out.decode(errors="replace")
         assert "belongs to uid 65534" in text, text[-2000:]
-        if role == "engine":
+        if role in ("serve", "engine"):
             assert proc.returncode == 2, text[-2000:]  # a failed start, before loading anything
     assert victim.read_bytes() == b"precious"
     assert not (theirs / "engine.sock").exists()

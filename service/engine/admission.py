@@ -115,11 +115,14 @@ class Admission:
         raise Refused(message, reason, retry_after_s)
 
     def wait_allowance_s(self) -> float:
-        """The longest wait that still leaves the mean time to generate within the target (the
-        spec's target is an average latency); at least a quarter of the target, so that long
-        generations are not all refused. (A margin of 0.8 of the target refused 27-78 % of the
-        spec's own `ab -c 100` load, whose requests took ~400 ms on average when all served.)"""
-        return max(self.target_latency_s - self.service_s, self.target_latency_s / 4)
+        """The longest wait a new request may face. The spec's target is an *average*: the
+        requests in a queue wait from nothing up to the newest one's wait, so their mean
+        latency stays within the target while the newest waits up to twice the target's
+        room beyond the time to generate. At least a quarter of the target, so that long
+        generations are not all refused. (Allowing only the room itself refused 0-113 of the
+        spec's own `ab -n 1000 -c 100` on a quiet machine, and 837 on a busy one, although the
+        answers averaged under the target.)"""
+        return max(2 * (self.target_latency_s - self.service_s), self.target_latency_s / 4)
 
     @property
     def backlog(self) -> int:

@@ -294,13 +294,15 @@ def started(ns: Namespace) -> Start:
             start.samples.append((ns.is_active(), http(ns.base_url + "/health", timeout_s=2)[0]))
             time.sleep(0.5)
         start.seconds_to_active = time.monotonic() - began
-        assert enable.poll() == 0, f"enable --now: {enable.poll()}\n{enable.stdout.read() if enable.stdout else ''}\n{ns.diagnosis()}"
     finally:
         if enable.poll() is None:
             enable.kill()
-        enable.wait(10)
+        output, _ = enable.communicate(timeout=10)
+    assert enable.returncode == 0, f"enable --now: exit {enable.returncode}\n{output}\n{ns.diagnosis()}"
     start.samples.append((ns.is_active(), http(ns.base_url + "/health", timeout_s=2)[0]))
-    print(f"\n{UNIT}: active {start.seconds_to_active:.1f} s after `systemctl enable --now`")
+    loaded = next((json.loads(line) for line in ns.journal() if '"event": "engine ready"' in line), {})
+    print(f"\n{UNIT}: active {start.seconds_to_active:.1f} s after `systemctl enable --now` "
+          f"(engine load {loaded.get('load_seconds')} s of it)")
     return start
 
 

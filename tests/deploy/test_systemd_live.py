@@ -61,10 +61,13 @@ def _missing() -> str | None:
 pytestmark = [pytest.mark.systemd, pytest.mark.skipif(_missing() is not None, reason=_missing() or "")]
 
 # PID 1 of the namespace. $1: the cgroup folder to root systemd at (created in each hierarchy
-# it manages, so that the fixture can remove all of it afterwards).
+# it manages, so that the fixture can remove all of it afterwards); $2: the checkout, which
+# stays visible at its own path when it lives under a folder the namespace mounts over (a CI
+# clone in /tmp).
 BOOT = r"""
 set -euo pipefail
-CG="$1"
+CG="$1" CHECKOUT="$2"
+exec 9<"$CHECKOUT"
 if [ -e /sys/fs/cgroup/cgroup.controllers ]; then hierarchies=/sys/fs/cgroup; else
   hierarchies="$(for h in systemd unified cpu cpuacct memory blkio devices pids; do echo /sys/fs/cgroup/$h; done)"; fi
 for d in $hierarchies; do
@@ -76,6 +79,10 @@ for d in /run /tmp /var/tmp /dev/shm /opt /var/lib /var/cache /var/log; do
   mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs "$d"
 done
 chmod 1777 /tmp /var/tmp /dev/shm  # PrivateDevices= passes /dev/shm through: vLLM's semaphores stay in here
+if [ ! -e "$CHECKOUT/deploy/install.sh" ]; then  # hidden by one of the mounts above: bind it back
+  mkdir -p "$CHECKOUT" && mount --bind /proc/self/fd/9 "$CHECKOUT"
+fi
+exec 9<&-
 # install.sh's useradd renames files inside /etc: a whole copy, not single-file binds
 mkdir -p /run/citadel-llm-test/etc && cp -a /etc/. /run/citadel-llm-test/etc/
 mount --bind /run/citadel-llm-test/etc /etc
@@ -122,6 +129,8 @@ PHI_3_MINI_MAX_NUM_BATCHED_TOKENS=512
 EOF
 mkdir -p /etc/systemd/system/{UNIT}.d
 printf '[Service]\nWatchdogSec=%s\n' "$WATCHDOG_S" > /etc/systemd/system/{UNIT}.d/test.conf
+case "{ROOT}" in /tmp/*|/var/tmp/*)  # PrivateTmp= would hide a checkout (and its venv) under /tmp
+  printf '[Service]\nBindReadOnlyPaths={ROOT}\n' > /etc/systemd/system/{UNIT}.d/checkout.conf ;; esac
 systemctl daemon-reload
 # what the unit's user can read: the venv, the checkout, the config
 runuser -u citadel -- /opt/citadel/venv/bin/citadel-llm config show \
@@ -219,7 +228,7 @@ def ns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Namespace]:
     with open(log_path, "wb") as log:
         unshare = subprocess.Popen(
             ["unshare", "--pid", "--fork", "--mount", "--uts", "--ipc", "--mount-proc", "--kill-child",
-             "bash", "-c", BOOT, "boot", cgroup_name],
+             "bash", "-c", BOOT, "boot", cgroup_name, str(ROOT)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_kill_with_parent,  # noqa: PLW1509
         )
     sd_pid = 0

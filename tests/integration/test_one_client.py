@@ -124,6 +124,8 @@ async def test_break_4_a_client_gone_mid_stream_is_a_499_without_a_traceback(ser
         headers = {"X-Request-Id": f"hangup-{i}"}
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
             async with session.post(service.base_url + "/v1/completions", json=body, headers=headers) as resp:
+                if resp.status == 429:  # refused at once by efficiency mode: nothing to hang up on
+                    return headers["X-Request-Id"]
                 assert resp.status == 200
                 for _ in range(1 + i % 5):  # a few events, then the connection is dropped
                     await resp.content.readline()
@@ -151,7 +153,8 @@ async def test_break_4_a_client_gone_mid_stream_is_a_499_without_a_traceback(ser
     while len(logged()) < len(ids) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
     lines = _log_lines_since(service, offset)
-    assert {e["status"] for e in logged()} == {499}, logged()
+    statuses = [e["status"] for e in logged()]
+    assert 499 in statuses and set(statuses) <= {499, 429}, statuses  # 429: refused before it began
     assert not [e for e in lines if e.get("event") == "unhandled error"], "a disconnect logged as an unhandled error"
     # and they were aborted in the engine: nothing of them keeps running
     async with aiohttp.ClientSession() as session:
@@ -234,8 +237,9 @@ async def test_break_1_an_answer_too_large_for_a_frame_fails_alone(service: Serv
         status, doc = await big_task
     assert status == 400 and doc["error"]["code"] == "answer_too_large", (status, str(doc)[:300])
     assert "16 MiB frame cap" in doc["error"]["message"]
-    assert other_results and {s for s, _ in other_results} == {200}, {s for s, _ in other_results}
-    assert all(d["usage"]["completion_tokens"] == 200 for _, d in other_results)
+    # every other request was served in full (or refused at once by efficiency mode), none lost
+    assert {s for s, _ in other_results} <= {200, 429} and 200 in {s for s, _ in other_results}, other_results
+    assert all(d["usage"]["completion_tokens"] == 200 for s, d in other_results if s == 200)
     assert set(health) == {200}, health
 
 

@@ -215,7 +215,9 @@ def test_overload_is_refused_at_once_with_429(own_service: ServiceProcess) -> No
     assert refused, statuses  # …and the rest refused, none lost
     assert set(statuses) <= {200, 429}
     assert all(body["error"]["code"] == "overloaded" for _, body in refused)
-    assert sorted(elapsed for elapsed, _ in refused)[len(refused) // 2] < 0.05  # median refusal under 50 ms
+    # refused at once: the median refusal takes a small part of what the median answer takes
+    served = sorted(elapsed for status, elapsed, _ in results if status == 200)
+    assert sorted(elapsed for elapsed, _ in refused)[len(refused) // 2] < served[len(served) // 2] / 4
 
 
 def test_stalled_engine_turns_health_503_and_recovers(own_service: ServiceProcess) -> None:
@@ -314,6 +316,57 @@ def test_stream_whose_client_stops_reading_is_aborted(own_service: ServiceProces
     assert complete(own_service)["choices"]
 
 
+def test_break_5_tokenizing_megabytes_does_not_starve_the_worker(own_service: ServiceProcess) -> None:
+    """30 concurrent /tokenize of ~1 MB each made the 1 s progress probe time out: the engine
+    was marked stalled, /health went 503 and completions got 503."""
+    import random
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    own_service.wait_healthy(30)
+    words = [f"w{random.Random(i).randrange(10**6)}" for i in range(5000)]
+    text = " ".join(random.Random(1).choice(words) for _ in range(140_000))[:1_000_000]
+    started = time.monotonic()
+    complete(own_service, max_tokens=8)
+    unloaded_s = time.monotonic() - started
+    health: list[tuple[int, str]] = []
+    done = threading.Event()
+
+    def tokenize(_: int) -> int:
+        req = urllib.request.Request(own_service.base_url + "/tokenize", data=json.dumps({"prompt": text}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    def watch() -> None:
+        while not done.is_set():
+            health.append(health_status(own_service))
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(max_workers=30) as pool:
+            flood = [pool.submit(tokenize, i) for i in range(30)]
+            latencies = []
+            while not all(f.done() for f in flood) and len(latencies) < 100:
+                started = time.monotonic()
+                status, body = post(own_service, {"prompt": "meanwhile", "max_tokens": 8, "ignore_eos": True})
+                assert status == 200 and body["usage"]["completion_tokens"] == 8, (status, body)
+                latencies.append(time.monotonic() - started)
+            statuses = [f.result() for f in flood]
+    finally:
+        done.set()
+        watcher.join(10)
+    assert set(statuses) <= {200, 504}, statuses  # answered, or past the tokenize deadline; never 5xx else
+    assert 200 in statuses
+    assert health and all(code == 200 for code, _ in health), health
+    assert latencies and max(latencies) < max(2.0, 20 * unloaded_s), (unloaded_s, latencies)
+
+
 def test_sigterm_drains_then_stops_everything_cleanly(own_service: ServiceProcess) -> None:
     import threading
 
@@ -366,53 +419,3 @@ def test_engine_exits_when_its_parent_dies() -> None:
         if svc.proc is not None and svc.proc.poll() is None:
             svc.proc.kill()
 
-
-def test_break_5_tokenizing_megabytes_does_not_starve_the_worker(own_service: ServiceProcess) -> None:
-    """30 concurrent /tokenize of ~1 MB each made the 1 s progress probe time out: the engine
-    was marked stalled, /health went 503 and completions got 503."""
-    import random
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    own_service.wait_healthy(30)
-    words = [f"w{random.Random(i).randrange(10**6)}" for i in range(5000)]
-    text = " ".join(random.Random(1).choice(words) for _ in range(140_000))[:1_000_000]
-    started = time.monotonic()
-    complete(own_service, max_tokens=8)
-    unloaded_s = time.monotonic() - started
-    health: list[tuple[int, str]] = []
-    done = threading.Event()
-
-    def tokenize(_: int) -> int:
-        req = urllib.request.Request(own_service.base_url + "/tokenize", data=json.dumps({"prompt": text}).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                return resp.status
-        except urllib.error.HTTPError as exc:
-            return exc.code
-
-    def watch() -> None:
-        while not done.is_set():
-            health.append(health_status(own_service))
-            time.sleep(0.2)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        with ThreadPoolExecutor(max_workers=30) as pool:
-            flood = [pool.submit(tokenize, i) for i in range(30)]
-            latencies = []
-            while not all(f.done() for f in flood) and len(latencies) < 100:
-                started = time.monotonic()
-                status, body = post(own_service, {"prompt": "meanwhile", "max_tokens": 8, "ignore_eos": True})
-                assert status == 200 and body["usage"]["completion_tokens"] == 8, (status, body)
-                latencies.append(time.monotonic() - started)
-            statuses = [f.result() for f in flood]
-    finally:
-        done.set()
-        watcher.join(10)
-    assert set(statuses) <= {200, 504}, statuses  # answered, or past the tokenize deadline; never 5xx else
-    assert 200 in statuses
-    assert health and all(code == 200 for code, _ in health), health
-    assert latencies and max(latencies) < max(2.0, 20 * unloaded_s), (unloaded_s, latencies)

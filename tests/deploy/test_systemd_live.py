@@ -80,7 +80,7 @@ for d in /run /tmp /var/tmp /dev/shm /opt /var/lib /var/cache /var/log; do
 done
 chmod 1777 /tmp /var/tmp /dev/shm  # PrivateDevices= passes /dev/shm through: vLLM's semaphores stay in here
 if [ ! -e "$CHECKOUT/deploy/install.sh" ]; then  # hidden by one of the mounts above: bind it back
-  mkdir -p "$CHECKOUT" && mount --bind /proc/self/fd/9 "$CHECKOUT"
+  mkdir -p "$CHECKOUT" && mount --no-canonicalize --bind /proc/self/fd/9 "$CHECKOUT"  # the fd, not its path
 fi
 exec 9<&-
 # install.sh's useradd renames files inside /etc: a whole copy, not single-file binds

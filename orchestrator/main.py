@@ -1,7 +1,7 @@
 """Entry of the efficiency orchestrator process (`citadel-llm orchestrator`).
 
 Every `metrics_collection_interval` seconds: sample the service's processes (psutil) and
-its cgroup, ask the engine worker for its stats over the control socket, let the
+its cgroup, ask the engine worker for its stats over the control socket (shared/engine_client.py), let the
 `EfficiencyManager` decide, send new limits (efficiency mode only), and write the report
 the gateway shows on /efficiency. When the worker is not reachable it keeps sampling and
 reports that; the worker keeps the last limits it was given.
@@ -18,12 +18,12 @@ from pathlib import Path
 import msgspec
 
 from orchestrator.cgroup import CgroupReader
-from orchestrator.control import ControlClient, ControlUnavailable
 from orchestrator.policy import EfficiencyManager, Observation
 from orchestrator.processes import ProcessSampler, system_memory
 from shared import protocol as p
 from shared import sd_notify
 from shared.config import Phi3MiniConfig
+from shared.engine_client import EngineClient, EngineUnavailable, RequestFailed
 from shared.logging import get_logger
 from shared.runtime_dir import UnsafeRuntimeDir, ensure_private_dir, write_private_file
 
@@ -42,7 +42,8 @@ class Orchestrator:
         self.interval_s = config.metrics_collection_interval
         self.window_s = max(2.0, 2 * self.interval_s)  # latency percentiles over this much
         self.manager = EfficiencyManager(config)
-        self.control = ControlClient(config.control_socket_path(), timeout_s=min(2.0, max(0.5, self.interval_s)))
+        self.control = EngineClient(config.control_socket_path(), role="orchestrator")
+        self.timeout_s = min(2.0, max(0.5, self.interval_s))  # for each reply
         self.processes = ProcessSampler()
         self.cgroup = CgroupReader()
         self.report_path = config.efficiency_report_path()
@@ -65,12 +66,12 @@ class Orchestrator:
             system_memory_available_mb=available_mb, memory_limit_mb=round(limit_mb, 1), memory_used_mb=round(used_mb, 1),
         )
         try:
-            stats = await self.control.stats(self.window_s)
-        except ControlUnavailable as exc:
+            stats = await self.control.stats(self.timeout_s, self.window_s)
+        except (EngineUnavailable, RequestFailed, TimeoutError) as exc:
             log.debug("engine control socket unavailable", error=str(exc))
             self._last = None
         else:
-            report.connected, report.engine_pid = True, self.control.engine_pid
+            report.connected, report.engine_pid = True, self.control.info.engine_pid if self.control.info else 0
             self._rates(report, stats, used_mb)
             decision = self.manager.decide(Observation(
                 max_num_seqs=stats.max_num_seqs, max_num_batched_tokens=stats.max_num_batched_tokens,
@@ -88,8 +89,8 @@ class Orchestrator:
                          inputs=decision.inputs)
                 try:
                     await self.control.set_limits(decision.max_num_seqs, decision.max_num_batched_tokens,
-                                                  f"{decision.action}: {decision.reason}")
-                except ControlUnavailable as exc:
+                                                  f"{decision.action}: {decision.reason}", self.timeout_s)
+                except (EngineUnavailable, RequestFailed, TimeoutError) as exc:
                     log.warning("could not set limits", error=str(exc))
         report.decisions = list(self.manager.decisions)[-20:]
         _write_atomically(self.report_path, msgspec.json.encode(report))
@@ -141,6 +142,7 @@ async def _main(config: Phi3MiniConfig) -> int:
     log.info("orchestrator started", efficiency_mode=config.efficiency_mode, interval_s=orchestrator.interval_s,
              target_latency_ms=config.target_latency_ms, cgroup_version=orchestrator.cgroup.version(),
              status=orchestrator.manager.get_optimization_status())
+    await orchestrator.control.start()
     sd_notify.notify("READY=1")
     try:
         while not stop.is_set():
@@ -156,6 +158,6 @@ async def _main(config: Phi3MiniConfig) -> int:
             except TimeoutError:
                 pass
     finally:
-        orchestrator.control.close()
+        await orchestrator.control.close()
     log.info("orchestrator stopped")
     return 0

@@ -11,9 +11,6 @@ from typing import Any
 
 from shared.config import Phi3MiniConfig
 
-HANDSHAKE_TIMEOUT_S = 5.0
-
-
 def count_parameters(model_dir: str | Path) -> int:
     """Parameters in the safetensors files, from their headers (no weights are read)."""
     total = 0
@@ -83,30 +80,6 @@ def _static_dtype(config: Phi3MiniConfig) -> str:
 
 def _handshake(config: Phi3MiniConfig) -> Any:
     """The running engine's Welcome, or None when no engine answers."""
-    import socket
+    from shared.engine_client import handshake
 
-    import msgspec
-
-    from shared import protocol as p
-    from shared.framing import FrameEncoder
-
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(HANDSHAKE_TIMEOUT_S)
-            sock.connect(str(config.engine_socket_path()))
-            sock.sendall(FrameEncoder().encode(p.Hello(p.PROTOCOL_VERSION, "model-info")))
-            size = int.from_bytes(_recv_exactly(sock, 4), "big")
-            msg = msgspec.msgpack.decode(_recv_exactly(sock, size), type=p.WorkerMessage)
-    except (OSError, msgspec.DecodeError):
-        return None
-    return msg if isinstance(msg, p.Welcome) else None
-
-
-def _recv_exactly(sock: Any, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("engine closed the connection")
-        buf += chunk
-    return buf
+    return handshake(config.engine_socket_path(), "model-info")

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from service.gateway.engine_client import EngineClient
+from shared.engine_client import EngineClient
 from service.gateway.health import HealthMonitor
 from service.gateway.keys import CLIENT, CONFIG, DRAINING, HEALTH, METRICS, STARTED
 from service.gateway.metrics import Metrics

@@ -14,7 +14,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from service.gateway import schemas as s
-from service.gateway.engine_client import DeadlineExceeded, EngineUnavailable, RequestFailed
+from shared.engine_client import DeadlineExceeded, EngineUnavailable, RequestFailed
 from service.gateway.errors import ApiError, error_body, from_validation
 from service.gateway.keys import CLIENT, CONFIG, DRAINING, HEALTH, REQUEST_ID
 from service.gateway.metrics import RequestRecord

@@ -11,7 +11,7 @@ import msgspec
 from aiohttp import web
 
 from orchestrator.policy import optimization_settings
-from service.gateway.engine_client import EngineUnavailable
+from shared.engine_client import EngineUnavailable
 from service.gateway.keys import CLIENT, CONFIG, METRICS
 from shared import protocol as p
 

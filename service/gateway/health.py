@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from service.gateway.engine_client import DeadlineExceeded, EngineClient, EngineUnavailable, RequestFailed
+from shared.engine_client import DeadlineExceeded, EngineClient, EngineUnavailable, RequestFailed
 from shared import protocol as p
 from shared.logging import get_logger
 

@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import web
 
-from service.gateway.engine_client import EngineClient
+from shared.engine_client import EngineClient
 from service.gateway.health import HealthMonitor
 from service.gateway.metrics import Metrics, RequestRecord
 from shared.config import Phi3MiniConfig

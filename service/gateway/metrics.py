@@ -15,7 +15,7 @@ from aioprometheus import Counter, Gauge, Histogram, Registry
 from aioprometheus.renderer import render
 from aiohttp import web
 
-from service.gateway.engine_client import EngineClient, EngineUnavailable
+from shared.engine_client import EngineClient, EngineUnavailable
 from shared import protocol as p
 
 INF = float("inf")

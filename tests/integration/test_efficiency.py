@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from orchestrator.control import ControlClient
+from shared.engine_client import EngineClient
 from tests.helpers import ServiceProcess, wait_for
 
 pytestmark = pytest.mark.integration
@@ -168,11 +168,12 @@ async def test_rate_limit_rps_refuses_beyond_the_cap_with_its_own_code(capped: S
 
 
 async def _set_limits(svc: ServiceProcess, max_num_seqs: int) -> int:
-    control = ControlClient(svc.runtime_dir / "control.sock")
+    control = EngineClient(svc.runtime_dir / "control.sock", role="test")
     try:
-        return (await control.set_limits(max_num_seqs, 512, "test")).max_num_seqs
+        await control.connect()
+        return (await control.set_limits(max_num_seqs, 512, "test", timeout_s=2.0)).max_num_seqs
     finally:
-        control.close()
+        await control.close()
 
 
 def test_limits_outlive_the_orchestrator_and_a_new_one_reconnects(steered: ServiceProcess) -> None:

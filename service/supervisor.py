@@ -34,6 +34,11 @@ KILL_WAIT_S = 5.0  # after SIGKILL of a child's group, for the kernel to reap it
 POLL_S = 0.2
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STABLE_AFTER_S = 60.0  # a child up this long has its backoff reset
+# A child's exit code for a start that cannot succeed (the engine's failed start: bad
+# weights, a setting vLLM refuses; an unsafe runtime dir; a bad command line): restarting
+# it would only fail again, so serve stops everything and exits with it, which the unit's
+# RestartPreventExitStatus=2 does not restart either.
+EXIT_CANNOT_START = 2
 DEFAULT_CHILD_WATCHDOG_S = 60.0  # without a WatchdogSec= of our own (outside systemd)
 # Under memory pressure the kernel's choice: the engine (restarted in seconds), not the
 # gateway or serve. Raising one's own score needs no privilege.
@@ -121,6 +126,7 @@ def run_serve(config: Phi3MiniConfig, config_path: str | None) -> int:
     for child in children.values():
         child.start(child_argv(child.role, config_path), watchdog_s)
     systemd = SystemdLink()
+    exit_code = 0
     try:
         while not stop_signal:
             # 1. wait for a child's message, at most one poll interval
@@ -130,7 +136,9 @@ def run_serve(config: Phi3MiniConfig, config_path: str | None) -> int:
             for child in children.values():
                 _read_notify(child, now)
                 _check_watchdog(child, now, watchdog_s)
-            _restart_dead(children, config_path, watchdog_s)
+            if _restart_dead(children, config_path, watchdog_s) == EXIT_CANNOT_START:
+                exit_code = EXIT_CANNOT_START
+                break
             # 3. what we tell systemd
             systemd.update(children, now)
     finally:
@@ -140,8 +148,8 @@ def run_serve(config: Phi3MiniConfig, config_path: str | None) -> int:
             _stop_child(children[role])
         for child in children.values():
             child.notify.close()
-    log.info("serve stopped")
-    return 0
+    log.info("serve stopped", exit_code=exit_code)
+    return exit_code
 
 
 def _notify_path(runtime_dir: Path, role: str) -> Path:
@@ -199,7 +207,9 @@ def _check_watchdog(child: Child, now: float, watchdog_s: float) -> None:
     child.kill_group(signal.SIGKILL)  # then restarted below, like any death
 
 
-def _restart_dead(children: dict[str, Child], config_path: str | None, watchdog_s: float) -> None:
+def _restart_dead(children: dict[str, Child], config_path: str | None, watchdog_s: float) -> int | None:
+    """Restart the children that died (after their backoff). EXIT_CANNOT_START when one
+    exited with it: then nothing is restarted."""
     now = time.monotonic()
     for child in children.values():
         proc = child.proc
@@ -212,14 +222,17 @@ def _restart_dead(children: dict[str, Child], config_path: str | None, watchdog_
         if code is None:
             continue
         child.kill_group(signal.SIGKILL)  # leave no orphans behind (e.g. vLLM's EngineCore)
+        child.proc, child.ready = None, False
+        if code == EXIT_CANNOT_START:
+            log.error("child cannot start: stopping the service", role=child.role, pid=proc.pid, exit_code=code)
+            return EXIT_CANNOT_START
         uptime = now - child.started_at
         child.failures = 0 if uptime > STABLE_AFTER_S else child.failures + 1
         delay = RESTART_BACKOFF_S[min(child.failures, len(RESTART_BACKOFF_S) - 1)]
         log.error("child exited; restarting", role=child.role, pid=proc.pid, exit_code=code,
                   uptime_s=round(uptime, 1), restart_in_s=delay)
-        child.proc = None
-        child.ready = False
         child.restart_at = now + delay
+    return None
 
 
 def _stop_child(child: Child) -> None:

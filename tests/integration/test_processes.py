@@ -419,3 +419,28 @@ def test_engine_exits_when_its_parent_dies() -> None:
         if svc.proc is not None and svc.proc.poll() is None:
             svc.proc.kill()
 
+
+
+def test_a_start_that_cannot_succeed_stops_serve_with_exit_2(tmp_path: Path) -> None:
+    """Weights vLLM cannot load: the engine exits 2 once, and serve stops everything and
+    exits 2 too (which the unit's RestartPreventExitStatus=2 does not restart), instead of
+    restarting the engine forever."""
+    from tests.helpers import demo_model_dir
+
+    model = tmp_path / "broken-model"
+    model.mkdir()
+    for src in demo_model_dir().iterdir():
+        if src.name != "model.safetensors" and src.is_file():
+            (model / src.name).write_bytes(src.read_bytes())
+    (model / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    svc = ServiceProcess(model_path=str(model)).start()
+    try:
+        assert svc.proc is not None
+        code = svc.proc.wait(180)
+    finally:
+        svc.stop()
+    log = svc.log_path.read_text(errors="replace")
+    assert code == 2, svc.tail()
+    assert "engine failed to start" in log and "child cannot start: stopping the service" in log
+    engine_starts = [line for line in log.splitlines() if '"child started"' in line and '"engine"' in line]
+    assert len(engine_starts) == 1, engine_starts  # never restarted

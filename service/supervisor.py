@@ -29,7 +29,9 @@ log = get_logger(__name__)
 
 ROLES = ("engine", "gateway", "orchestrator")
 STOP_ORDER = ("gateway", "orchestrator", "engine")  # stop taking requests first, engine last
-STOP_TIMEOUT_S = {"gateway": 15.0, "orchestrator": 5.0, "engine": 20.0}
+# Beyond config.stop_timeout_s (the gateway's whole graceful stop), what each role gets after
+# SIGTERM before SIGKILL: the engine stops after the gateway, with nothing left in flight.
+STOP_MARGIN_S = {"gateway": 5.0, "orchestrator": 5.0, "engine": 10.0}
 KILL_WAIT_S = 5.0  # after SIGKILL of a child's group, for the kernel to reap it
 POLL_S = 0.2
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -145,11 +147,22 @@ def run_serve(config: Phi3MiniConfig, config_path: str | None) -> int:
         log.info("serve stopping", signal=stop_signal[0] if stop_signal else None)
         sd_notify.notify("STOPPING=1\nSTATUS=stopping")
         for role in STOP_ORDER:
-            _stop_child(children[role])
+            _stop_child(children[role], stop_timeout_s(role, config.stop_timeout_s))
         for child in children.values():
             child.notify.close()
     log.info("serve stopped", exit_code=exit_code)
     return exit_code
+
+
+def stop_timeout_s(role: str, graceful_s: float) -> float:
+    """How long a role gets after SIGTERM before SIGKILL: the gateway and the engine drain
+    for up to the graceful stop (config.stop_timeout_s), the orchestrator does not."""
+    return STOP_MARGIN_S[role] + (graceful_s if role != "orchestrator" else 0.0)
+
+
+def stop_budget_s(graceful_s: float) -> float:
+    """The longest serve's whole stop can take: every role at its deadline, then killed."""
+    return sum(stop_timeout_s(role, graceful_s) + KILL_WAIT_S for role in STOP_ORDER)
 
 
 def _notify_path(runtime_dir: Path, role: str) -> Path:
@@ -235,14 +248,14 @@ def _restart_dead(children: dict[str, Child], config_path: str | None, watchdog_
     return None
 
 
-def _stop_child(child: Child) -> None:
+def _stop_child(child: Child, timeout_s: float) -> None:
     proc = child.proc
     if proc is None or proc.poll() is not None:
         child.kill_group(signal.SIGKILL)
         return
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(STOP_TIMEOUT_S[child.role])
+        proc.wait(timeout_s)
     except subprocess.TimeoutExpired:
         log.error("child did not stop in time: killing", role=child.role, pid=proc.pid)
     child.kill_group(signal.SIGKILL)

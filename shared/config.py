@@ -43,6 +43,9 @@ class Phi3MiniConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     client_timeout_s: PositiveFloat = 15.0  # for a request's head, its body, and each streamed write to drain
     api_key: str = ""  # when set, every route but /health needs "Authorization: Bearer <api_key>"
     rate_limit_rps: NonNegativeFloat = 0.0  # a hard cap on requests/s (429 beyond it); 0 = off
+    # the whole graceful stop: requests in flight get this long to finish, then a 503 (at most
+    # 20, so that serve's whole stop fits the unit's TimeoutStopSec=90: see supervisor.stop_budget_s)
+    stop_timeout_s: Annotated[float, Meta(gt=0.0, le=20.0)] = 10.0
     # -- model
     model_path: str = "/opt/models/microsoft-Phi-3-mini-4k-instruct"
     model_name: str = "microsoft/Phi-3-mini-4k-instruct"
@@ -109,7 +112,7 @@ class ConfigError(ValueError):
 # Which YAML section each setting lives in: the spec's file layout.
 SECTIONS: dict[str, tuple[str, ...]] = {
     "service": ("host", "port", "runtime_dir", "request_timeout_s", "client_timeout_s", "max_body_bytes",
-                "max_queue", "api_key", "rate_limit_rps"),
+                "max_queue", "api_key", "rate_limit_rps", "stop_timeout_s"),
     "model": (
         "model_path", "model_name", "served_model_name", "demo_model_dir", "max_model_len",
         "tensor_parallel_size", "gpu_memory_utilization", "dtype", "seed",

@@ -29,7 +29,6 @@ from shared.runtime_dir import ensure_private_dir
 log = get_logger(__name__)
 
 EXIT_STOPPED, EXIT_DIED, EXIT_START_FAILED = 0, 1, 2
-DRAIN_TIMEOUT_S = 10.0
 PARENT_POLL_S = 1.0
 
 
@@ -138,7 +137,7 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
         listener.close()
         control.close()
         if exit_code == EXIT_STOPPED:
-            await server.drain(DRAIN_TIMEOUT_S)
+            await server.drain(config.stop_timeout_s)
         else:
             await server.drain(0)
     finally:

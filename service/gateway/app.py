@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from shared.engine_client import EngineClient
+from shared.engine_client import EngineClient, EngineUnavailable
 from service.gateway.health import HealthMonitor
 from service.gateway.keys import CLIENT, CONFIG, DRAINING, HEALTH, METRICS, STARTED
 from service.gateway.metrics import Metrics
@@ -25,7 +25,9 @@ from shared.logging import get_logger
 
 log = get_logger(__name__)
 
-DRAIN_TIMEOUT_S = 10.0
+# The last part of the stop (config.stop_timeout_s): handlers still running when the drain's
+# time is up get this long to write the 503 they were just given, then they are cancelled.
+CLEANUP_S = 1.0
 KEEPALIVE_TIMEOUT_S = 75.0
 
 
@@ -93,7 +95,7 @@ async def _serve(config: Phi3MiniConfig) -> int:
     gc.collect()
     gc.freeze()  # start-up objects live as long as the process: keep them out of collections
     runner = GatewayRunner(app, head_timeout_s=config.client_timeout_s, handler_cancellation=True, access_log=None,
-                           keepalive_timeout=KEEPALIVE_TIMEOUT_S, shutdown_timeout=DRAIN_TIMEOUT_S)
+                           keepalive_timeout=KEEPALIVE_TIMEOUT_S, shutdown_timeout=CLEANUP_S)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_address=True)
     await site.start()
@@ -106,13 +108,16 @@ async def _serve(config: Phi3MiniConfig) -> int:
     try:
         await stop.wait()
         sd_notify.notify("STOPPING=1")
-        log.info("gateway draining", drain_timeout_s=DRAIN_TIMEOUT_S, in_flight=app[METRICS].handling)
+        log.info("gateway draining", stop_timeout_s=config.stop_timeout_s, in_flight=app[METRICS].handling)
         app[DRAINING].set()  # new requests get 503 and /health says draining, while…
-        deadline = loop.time() + DRAIN_TIMEOUT_S
+        deadline = loop.time() + max(config.stop_timeout_s - CLEANUP_S, 0.0)
         # …those in flight finish (in the engine, and on their way out to the client): the
         # listener stays open, answering 503, as long as anything is in flight
         while (app[CLIENT].pending or app[METRICS].handling) and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        if app[CLIENT].pending:  # out of time: each gets its answer (503, or a stream's error event)
+            log.warning("stop deadline passed: ending requests in flight", requests=app[CLIENT].pending)
+            app[CLIENT].fail_in_flight(EngineUnavailable("The service is stopping; retry on another replica"))
     finally:
         ready.cancel()
         await asyncio.gather(ready, return_exceptions=True)

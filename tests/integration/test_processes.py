@@ -396,6 +396,50 @@ def test_sigterm_drains_then_stops_everything_cleanly(own_service: ServiceProces
     assert not (own_service.runtime_dir / "engine.sock").exists()
 
 
+def test_a_stop_ends_within_stop_timeout_s_and_answers_what_was_still_running() -> None:
+    """One deadline for the whole graceful stop: requests that would run far past it get
+    their answer when it is up (503, or a stream's error event), and serve exits 0 soon after."""
+    import threading
+
+    graceful_s = 2.0
+    svc = ServiceProcess(stop_timeout_s=str(graceful_s), request_timeout_s="120").start()
+    try:
+        svc.wait_healthy()
+        tokens = tokens_for(svc, seconds=15 * graceful_s, n=4)  # far past the deadline
+        body = {"prompt": "long", "max_tokens": tokens, "n": 4, "ignore_eos": True}
+        results: dict[str, object] = {}
+
+        def stream() -> None:
+            req = urllib.request.Request(svc.base_url + "/v1/completions", method="POST",
+                                         data=json.dumps({**body, "stream": True}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                results["stream"] = resp.read().decode()
+
+        threads = [threading.Thread(target=lambda: results.update(plain=post(svc, body, timeout_s=60))),
+                   threading.Thread(target=stream)]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: engine_running(svc) == 8, 10, "both requests (4 sequences each) to be generating")
+        assert svc.proc is not None
+        started = time.monotonic()
+        svc.proc.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(30)
+        answered_s = time.monotonic() - started
+        status, answer = results["plain"]  # type: ignore[misc]
+        assert status == 503 and answer["error"]["code"] == "engine_unavailable", answer
+        assert "stopping" in answer["error"]["message"]
+        events = str(results["stream"])
+        assert '"error"' in events and events.rstrip().endswith("data: [DONE]"), events[-300:]
+        # at the deadline (less the second kept for writing them out): the drain waited, no longer
+        assert graceful_s - 1.5 < answered_s < graceful_s + 3, f"answered {answered_s:.1f} s after SIGTERM"
+        code = svc.proc.wait(30)
+        assert code == 0 and time.monotonic() - started < graceful_s + 10
+    finally:
+        svc.stop()
+
+
 def test_engine_exits_when_its_parent_dies() -> None:
     svc = ServiceProcess().start()
     try:

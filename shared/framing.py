@@ -24,6 +24,10 @@ class FrameError(Exception):
     """The peer sent something that is not a valid frame: the connection is dropped."""
 
 
+class PeerNotReading(Exception):
+    """The peer did not read what was sent to it within the time allowed."""
+
+
 class FrameTooLarge(ValueError):
     """A message to send would not fit one frame; nothing was sent."""
 
@@ -127,9 +131,13 @@ class FrameConnection(asyncio.Protocol, Generic[M]):
             transport.write(b"".join(frames) if len(frames) > 1 else frames[0])
 
     async def wait_writable(self, timeout_s: float) -> None:
-        """Backpressure: wait (bounded) until the kernel drains the write buffer."""
+        """Backpressure: wait (bounded) until the kernel drains the write buffer;
+        PeerNotReading after timeout_s."""
         if not self._writable.is_set():
-            await asyncio.wait_for(self._writable.wait(), timeout_s)
+            try:
+                await asyncio.wait_for(self._writable.wait(), timeout_s)
+            except TimeoutError:
+                raise PeerNotReading(f"the peer read nothing for {timeout_s:g} s") from None
 
     def close(self) -> None:
         """Close after sending what is queued."""

@@ -20,7 +20,7 @@ from typing import Any
 from service.engine.admission import Admission, Refused, Ticket
 from service.engine.stats import Counters, SchedulerSnapshot
 from shared import protocol as p
-from shared.framing import FrameConnection, FrameTooLarge
+from shared.framing import FrameConnection, FrameTooLarge, PeerNotReading
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -36,6 +36,30 @@ class RequestError(Exception):
     def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
         super().__init__(message)
         self.param, self.status = param, status
+
+
+def failure_for(rid: int, exc: Exception) -> p.Failure:
+    """The one final message of a request that ended with `exc`, by the kind of error: the
+    client's are 4xx naming the field, the server's 5xx, and anything else is a bug, a 500
+    (vLLM's `exceptions.py` splits its own the same way)."""
+    from vllm.exceptions import VLLMClientError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    match exc:
+        case Refused(reason=reason, retry_after_s=retry_after_s):
+            code = "rate_limit_exceeded" if reason == "rate_limit" else "overloaded"
+            return p.Failure(rid, 429, str(exc), code=code, retry_after_s=retry_after_s)
+        case RequestError(status=status, param=param):
+            return p.Failure(rid, status, str(exc), param)
+        case VLLMClientError():
+            return p.Failure(rid, 400, str(exc), getattr(exc, "parameter", None))
+        case EngineDeadError():
+            return p.Failure(rid, 503, f"engine unavailable: {exc}", code="engine_dead")
+        case PeerNotReading():
+            return p.Failure(rid, 503, f"The gateway stopped reading the engine's answers: {exc}",
+                             code="gateway_not_reading")
+        case _:
+            return p.Failure(rid, 500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
 
 
 class EngineServer:
@@ -160,6 +184,12 @@ class EngineServer:
             bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
             if bad is not None:
                 raise RequestError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})", name)
+        try:
+            return self._sampling_params(spec, max_tokens, stream)
+        except ValueError as exc:  # vLLM's checks of the parameters themselves: the client's error
+            raise RequestError(str(exc)) from None
+
+    def _sampling_params(self, spec: p.SamplingSpec, max_tokens: int, stream: bool) -> Any:
         return self._SamplingParams(
             n=spec.n,
             min_p=spec.min_p,
@@ -181,9 +211,6 @@ class EngineServer:
         )
 
     async def _run(self, conn: EngineConnection, msg: p.Generate) -> None:
-        from vllm.exceptions import VLLMValidationError
-        from vllm.v1.engine.exceptions import EngineDeadError
-
         rid = msg.rid
         arrived = time.monotonic()
         ticket: Ticket | None = None
@@ -238,25 +265,20 @@ class EngineServer:
                     return
                 conn.send(p.Output(rid, choices))
                 await conn.wait_writable(30.0)
-        except Refused as exc:
-            code = "rate_limit_exceeded" if exc.reason == "rate_limit" else "overloaded"
-            conn.send(p.Failure(rid, 429, str(exc), code=code, retry_after_s=exc.retry_after_s))
-        except RequestError as exc:
-            self._refuse(conn, msg, exc.status, str(exc), exc.param)
-        except VLLMValidationError as exc:
-            self._refuse(conn, msg, 400, str(exc), getattr(exc, "parameter", None))
-        except (ValueError, TypeError) as exc:
-            self._refuse(conn, msg, 400, str(exc), None)
-        except EngineDeadError as exc:
-            conn.send(p.Failure(rid, 503, f"engine unavailable: {exc}", code="engine_dead"))
-            self.dead.set()
         except asyncio.CancelledError:
             raise  # AsyncLLM.generate aborts the request inside the engine on cancel
-        except TimeoutError:
-            log.warning("client stopped reading: request aborted", rid=rid, request_id=msg.request_id)
         except Exception as exc:  # one bad request must not take the worker down
-            log.exception("request failed", rid=rid, request_id=msg.request_id)
-            conn.send(p.Failure(rid, 500, f"internal error: {type(exc).__name__}: {exc}"))
+            failure = failure_for(rid, exc)
+            if failure.status >= 500 and failure.code == "internal_error":
+                log.exception("request failed", rid=rid, request_id=msg.request_id)  # a bug: its traceback
+            elif failure.status < 500 and failure.status != 429:
+                log.info("request refused", request_id=msg.request_id, status=failure.status, param=failure.param,
+                         reason=failure.message)
+            elif failure.code == "gateway_not_reading":
+                log.warning("gateway stopped reading: request aborted", rid=rid, request_id=msg.request_id)
+            if failure.code == "engine_dead":
+                self.dead.set()
+            conn.send(failure)
         finally:
             conn.requests.pop(rid, None)
             if ticket is not None:
@@ -267,11 +289,6 @@ class EngineServer:
         counters.requests_finished += 1
         counters.prompt_tokens += prompt_tokens
         counters.generation_tokens += generated
-
-    def _refuse(self, conn: EngineConnection, msg: p.Generate, status: int, message: str,
-                param: str | None) -> None:
-        log.info("request refused", request_id=msg.request_id, status=status, param=param, reason=message)
-        conn.send(p.Failure(msg.rid, status, message, param))
 
     async def tokenize(self, msg: p.Tokenize | p.Detokenize) -> p.TokenizeResult | p.Failure:
         try:
@@ -285,8 +302,11 @@ class EngineServer:
             else:
                 ids = await self._encode(msg.text or "", add_special_tokens=msg.add_special_tokens)
             return p.TokenizeResult(msg.rid, ids, msg.text or "")
-        except RequestError as exc:
-            return p.Failure(msg.rid, exc.status, str(exc), exc.param)
+        except Exception as exc:
+            failure = failure_for(msg.rid, exc)
+            if failure.code == "internal_error":
+                log.exception("tokenize failed", rid=msg.rid)  # a bug: its traceback
+            return failure
 
     def stats(self, rid: int, window_s: float = 10.0) -> p.EngineStats:
         sched, counters, adm = self.scheduler, self.counters, self.admission

@@ -62,6 +62,8 @@ def verify(model_dir: str | Path) -> list[str]:
             problems.append(f"{name}: missing")
         elif sha256_file(path) != digest:
             problems.append(f"{name}: checksum mismatch")
+    problems += [f"{name}: not in the manifest" for name in
+                 (p.relative_to(model_dir).as_posix() for p in _files(model_dir)) if name not in listed]
     return problems
 
 

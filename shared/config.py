@@ -67,7 +67,7 @@ class Phi3MiniConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_num_batched_tokens: Positive = 1024
     max_num_seqs: Positive = 32
     target_latency_ms: PositiveFloat = 500.0
-    target_throughput_rps: PositiveFloat = 100.0
+    target_throughput_rps: PositiveFloat = 100.0  # reported on /efficiency beside the measured rate; steers nothing
     swap_space: NonNegative = 0  # GiB of CPU swap for preempted sequences (GPU hosts)
     enforce_eager: bool = False
     # -- monitoring

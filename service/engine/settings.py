@@ -50,12 +50,6 @@ def resolve_model(config: Phi3MiniConfig) -> ModelChoice:
     return ModelChoice(make_demo_model(demo), True)
 
 
-def is_cpu_host() -> bool:
-    from vllm.platforms import current_platform
-
-    return bool(current_platform.is_cpu())
-
-
 def resolve_dtype(config: Phi3MiniConfig, cpu: bool) -> str:
     # vLLM's own "auto" picks bfloat16 on CPU, which dies with SIGILL on CPUs
     # without native bf16 support; float32 runs everywhere.

@@ -66,6 +66,7 @@ async def efficiency_document(app: web.Application) -> dict[str, Any]:
         doc["orchestrator"] = {"report_age_s": round(now - report.at, 2), "interval_s": report.interval_s,
                                "connected_to_engine": report.connected, "engine_pid": report.engine_pid}
         doc["throughput"] = {
+            "target_requests_per_s": config.target_throughput_rps,  # reported beside the measured rate
             "requests_per_s": report.requests_per_s, "tokens_per_s": report.tokens_per_s,
             "generated_tokens_per_s": report.generated_tokens_per_s,
             "tokens_per_cpu_second": report.tokens_per_cpu_second,

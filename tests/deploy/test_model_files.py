@@ -60,10 +60,24 @@ def test_missing_file_is_named(model_copy: Path) -> None:
     assert result.returncode == 1 and "tokenizer.json: missing" in result.stderr
 
 
+def test_a_file_missing_from_the_manifest_is_named(model_copy: Path) -> None:
+    (model_copy / "extra.safetensors").write_bytes(b"weights nobody listed")
+    result = cli("model", "verify", "--dir", str(model_copy))
+    assert result.returncode == 1 and "extra.safetensors: not in the manifest" in result.stderr
+
+
 def test_verification_is_remembered_until_the_files_change(model_copy: Path) -> None:
     verify_before_load(model_copy)
     assert (model_copy / ".model.sha256.verified").exists()
-    verify_before_load(model_copy)  # the stamp stands for the full hash
+    # the stamp (sizes and mtimes) stands for the full hash: a change that keeps both is not
+    # re-hashed (which is how a stamp can be told from a hash that is merely fast)
+    weights = model_copy / "model.safetensors"
+    before = weights.stat()
+    flip_one_byte(weights)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    verify_before_load(model_copy)
+    flip_one_byte(weights)  # back to the verified bytes
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
     flip_one_byte(model_copy / "model.safetensors")
     with pytest.raises(ModelVerificationError, match="model.safetensors: checksum mismatch"):
         verify_before_load(model_copy)

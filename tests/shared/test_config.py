@@ -60,12 +60,30 @@ def test_yaml_then_environment(tmp_path: Path) -> None:
     assert config.host == "0.0.0.0"
 
 
+def _other_value(name: str, value: object) -> object:
+    """A valid value of the setting that is not its default: an override that is parsed but
+    ignored fails the test below."""
+    import msgspec
+
+    field = next(f for f in msgspec.inspect.type_info(Phi3MiniConfig).fields if f.name == name)
+    kind = field.type.types[0] if isinstance(field.type, msgspec.inspect.UnionType) else field.type
+    if isinstance(kind, msgspec.inspect.LiteralType):
+        return next(v for v in kind.values if v != value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2 if value else 0.5
+    return f"{value}-other" if value else "/tmp/other"
+
+
 def test_every_setting_has_an_environment_variable() -> None:
     for name in Phi3MiniConfig.__struct_fields__:
-        value = getattr(Phi3MiniConfig(), name)
+        value = _other_value(name, getattr(Phi3MiniConfig(), name))
         raw = str(value).lower() if isinstance(value, bool) else str(value)
-        env = {f"PHI_3_MINI_{name.upper()}": raw}
-        assert getattr(load_config(None, environ={**env, "PHI_3_MINI_CONFIG": str(DEFAULT_CONFIG_FILE)}), name) == value
+        env = {f"PHI_3_MINI_{name.upper()}": raw, "PHI_3_MINI_CONFIG": str(DEFAULT_CONFIG_FILE)}
+        assert getattr(load_config(None, environ=env), name) == value, name
 
 
 @pytest.mark.parametrize(("env", "fragments"), [

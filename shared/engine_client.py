@@ -248,9 +248,10 @@ class EngineClient:
 
     # ---------------------------------------------------------------- requests
     def _submit(self, conn: _Connection, prompt: str | list[int], params: p.SamplingSpec, stream: bool,
-                request_id: str, sink: _Sink, echo: bool, chat: list[p.ChatMessage] | None) -> int:
+                request_id: str, sink: _Sink, echo: bool, chat: list[p.ChatMessage] | None,
+                probe: bool = False) -> int:
         rid = next(self._rids)
-        conn.send(p.Generate(rid, prompt, params, stream, request_id, chat, echo))  # first: see _ask
+        conn.send(p.Generate(rid, prompt, params, stream, request_id, chat, echo, probe))  # first: see _ask
         conn.sinks[rid] = sink
         return rid
 
@@ -262,8 +263,8 @@ class EngineClient:
 
     async def complete(self, prompts: Sequence[str | list[int]], params: p.SamplingSpec, request_id: str,
                        timeout_s: float, echo: bool = False,
-                       chat: list[p.ChatMessage] | None = None) -> list[p.Output]:
-        """One final Output per prompt, in order."""
+                       chat: list[p.ChatMessage] | None = None, probe: bool = False) -> list[p.Output]:
+        """One final Output per prompt, in order. probe: the health probe (see protocol.Generate)."""
         loop = asyncio.get_running_loop()
         conn = self._connection()
         futures: list[asyncio.Future[p.Output]] = []
@@ -271,7 +272,7 @@ class EngineClient:
         try:
             for prompt in prompts:
                 fut = loop.create_future()
-                rids.append(self._submit(conn, prompt, params, False, request_id, fut, echo, chat))
+                rids.append(self._submit(conn, prompt, params, False, request_id, fut, echo, chat, probe))
                 futures.append(fut)
             async with asyncio.timeout(timeout_s):
                 if len(futures) == 1:

@@ -13,7 +13,7 @@ import enum
 
 import msgspec
 
-PROTOCOL_VERSION = 4  # 2: GetStats/EngineStats; 3: chat, logprobs, echo, tokenize; 4: admission, SetLimits
+PROTOCOL_VERSION = 5  # 2: GetStats/EngineStats; 3: chat, logprobs, echo, tokenize; 4: admission, SetLimits; 5: probe
 
 
 class FinishReason(enum.IntEnum):
@@ -70,6 +70,7 @@ class Generate(_Msg, tag="gen"):
     request_id: str = ""  # the client-facing request id, for logs
     chat: list[ChatMessage] | None = None  # rendered with the model's chat template
     echo: bool = False  # the prompt's text comes first in each choice's text
+    probe: bool = False  # the gateway's health probe: not refused, rate-limited or counted in the statistics
 
 
 class Tokenize(_Msg, tag="tok"):

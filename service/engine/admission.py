@@ -45,7 +45,7 @@ class Refused(Exception):
 
 
 class Ticket:
-    __slots__ = ("admitted", "arrived", "future", "prefill_steps", "seqs", "started", "tokens")
+    __slots__ = ("admitted", "arrived", "counted", "future", "prefill_steps", "seqs", "started", "tokens")
 
     def __init__(self, seqs: int, tokens: int, arrived: float) -> None:
         self.seqs, self.tokens, self.arrived = seqs, tokens, arrived
@@ -53,6 +53,7 @@ class Ticket:
         self.started = False  # admitted into vLLM
         self.prefill_steps = 2  # engine steps until its prompt no longer weighs on the budget
         self.admitted = arrived
+        self.counted = True  # in admitted_total and the latency statistics
 
 
 class TokenBucket:
@@ -97,8 +98,10 @@ class Admission:
 
     # ---------------------------------------------------------------- refusal
     def check(self) -> None:
-        """Raise Refused if a new request should not even be tokenized."""
-        if len(self._queue) >= self.max_queue:
+        """Raise Refused if a new request should not even be tokenized. Waiting means one
+        thing: sequences not yet running, in this queue or in vLLM's own (at the ceilings
+        requests pass straight through to it)."""
+        if self.backlog >= self.max_queue:
             self._refuse("queue_full", f"Too many requests waiting for the engine (max_queue={self.max_queue}); "
                                        "retry later", 1.0)
         wait = self.estimated_wait_s()
@@ -109,6 +112,12 @@ class Admission:
         if self._bucket is not None and not self._bucket.take():
             self._refuse("rate_limit", f"More than rate_limit_rps={self._bucket.rate:g} requests per second; "
                                        "retry later", 1.0 / self._bucket.rate)
+
+    def check_tokenizing(self, tokenizing: int) -> None:
+        """Tokenize and detokenize calls wait for the worker's one tokenizer thread: at most
+        max_queue of them at once."""
+        if tokenizing >= self.max_queue:
+            self._refuse("queue_full", f"Too many tokenize calls waiting (max_queue={self.max_queue}); retry later", 1.0)
 
     def _refuse(self, reason: str, message: str, retry_after_s: float) -> None:
         self.refused_total[reason] += 1
@@ -141,9 +150,11 @@ class Admission:
         return (backlog + 1) * self.service_s / self.limits.max_num_seqs
 
     # ---------------------------------------------------------------- admission
-    async def admit(self, seqs: int, tokens: int, arrived: float) -> Ticket:
-        """Wait (FIFO) until the request fits the limits; cancellable."""
+    async def admit(self, seqs: int, tokens: int, arrived: float, counted: bool = True) -> Ticket:
+        """Wait (FIFO) until the request fits the limits; cancellable. Not counted (the
+        health probe): kept out of admitted_total and the latency statistics."""
         ticket = Ticket(seqs, tokens, arrived)
+        ticket.counted = counted
         if not self._queue and self._fits(ticket):
             self._start(ticket)
             return ticket
@@ -175,7 +186,7 @@ class Admission:
         self.running += 1
         self.seqs += t.seqs
         self.tokens += t.tokens
-        self.admitted_total += 1
+        self.admitted_total += t.counted
         if t.tokens > t.seqs:
             self._prefilling.append(t)
 
@@ -212,7 +223,7 @@ class Admission:
         self.seqs -= t.seqs
         self.tokens -= t.tokens
         now = self._clock()
-        if ttft_s is not None:
+        if ttft_s is not None and t.counted:
             served = running_s if running_s is not None else now - t.admitted
             self.latencies.append((now, ttft_s, now - t.arrived, served))
             self.service_s = served if self.service_s == 0.0 else (

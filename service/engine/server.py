@@ -82,6 +82,7 @@ class EngineServer:
         self.dead = asyncio.Event()  # set when the engine core has died
         self.last_output = time.monotonic()  # when the engine last produced anything
         self._tasks: set[asyncio.Task[None]] = set()
+        self.tokenizing = 0  # tokenize and detokenize calls in flight
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
         self._conn_ids = itertools.count(1)
         self._SamplingParams = SamplingParams
@@ -218,7 +219,8 @@ class EngineServer:
         running_s: float | None = None  # vLLM's own: scheduled -> last token
         finished = False
         try:
-            self.admission.check()  # before tokenizing: refusing must be the cheapest answer
+            if not msg.probe:  # the health probe is never refused: it asks whether the engine moves
+                self.admission.check()  # before tokenizing: refusing must be the cheapest answer
             if msg.chat is not None:
                 ids = self._fit(await self._chat_ids(msg.chat), "messages")
             else:
@@ -232,7 +234,7 @@ class EngineServer:
                     echo = ""
             want_logprobs = msg.params.logprobs is not None
             n = msg.params.n
-            ticket = await self.admission.admit(n, max(len(ids), n), arrived)
+            ticket = await self.admission.admit(n, max(len(ids), n), arrived, counted=not msg.probe)
             prompt = self._TokensPrompt(prompt_token_ids=ids)
             request_id = f"{conn.conn_id}-{rid}"
             finish = _FINISH
@@ -258,7 +260,8 @@ class EngineServer:
                                            max(m.last_token_ts - m.first_token_ts, 0.0)))
                     else:
                         conn.send(p.Output(rid, choices, True, len(ids)))
-                    self._count(len(ids), generated)
+                    if not msg.probe:
+                        self._count(len(ids), generated)
                     if _debug:
                         log.debug("request finished", request_id=msg.request_id, prompt_tokens=len(ids),
                                   generated_tokens=generated)
@@ -292,6 +295,11 @@ class EngineServer:
 
     async def tokenize(self, msg: p.Tokenize | p.Detokenize) -> p.TokenizeResult | p.Failure:
         try:
+            self.admission.check_tokenizing(self.tokenizing)
+        except Refused as exc:
+            return failure_for(msg.rid, exc)
+        self.tokenizing += 1
+        try:
             if isinstance(msg, p.Detokenize):
                 bad = next((t for t in msg.tokens if not 0 <= t < self.vocab_size), None)
                 if bad is not None:
@@ -307,6 +315,8 @@ class EngineServer:
             if failure.code == "internal_error":
                 log.exception("tokenize failed", rid=msg.rid)  # a bug: its traceback
             return failure
+        finally:
+            self.tokenizing -= 1
 
     def stats(self, rid: int, window_s: float = 10.0) -> p.EngineStats:
         sched, counters, adm = self.scheduler, self.counters, self.admission

@@ -33,17 +33,20 @@ def sse(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
-async def decode_body(request: web.Request, kind: type[T]) -> T:
-    """The JSON body as `kind`; 503 while draining, 400 naming the field when it is wrong."""
+def engine_gate(request: web.Request) -> None:
+    """What every route that sends work to the engine passes first (routes.py applies it from
+    the route table, before the body is read): 503 while draining or while the engine is
+    stalled. Whether there is room is the engine's admission's to say (one place, one
+    definition of waiting: service/engine/admission.py)."""
     if request.app[DRAINING].is_set():
         raise ApiError(503, "The service is shutting down", code="draining", headers={"Retry-After": "5"})
-    if request.app[CLIENT].pending >= request.app[CONFIG].max_queue:
-        # Refused before the body is read or anything is tokenized: the cheapest answer.
-        raise ApiError(429, f"Too many requests waiting for the engine (max_queue={request.app[CONFIG].max_queue}); "
-                            "retry later", code="overloaded", headers={"Retry-After": "1"})
     if request.app[HEALTH].stalled:
         raise ApiError(503, "The engine has stalled; it is being watched and restarted",
                        code="engine_unavailable", headers={"Retry-After": "5"})
+
+
+async def decode_body(request: web.Request, kind: type[T]) -> T:
+    """The JSON body as `kind`; 400 naming the field when it is wrong."""
     ctype = request.headers.get("Content-Type", "application/json")
     if not ctype.lower().startswith("application/json"):
         raise ApiError(400, f"Content-Type must be application/json, not {ctype!r}", code="invalid_content_type")

@@ -45,16 +45,14 @@ class HealthMonitor:
         try:
             stats = await self.client.stats(self.timeout_s)
             if stats.in_flight == 0:
-                await self.client.complete([PROBE_PROMPT], PROBE_PARAMS, "health-probe", self.timeout_s)
+                await self.client.complete([PROBE_PROMPT], PROBE_PARAMS, "health-probe", self.timeout_s, probe=True)
             elif stats.seconds_since_output > 2 * self.interval_s:
                 return f"no output for {stats.seconds_since_output:.1f} s with {stats.in_flight} requests in flight"
         except EngineUnavailable:
             return None  # not connected: reported as loading/unavailable already
         except (TimeoutError, DeadlineExceeded):
             return f"no answer within {self.timeout_s:g} s"
-        except RequestFailed as exc:
-            if exc.failure.status == 429:
-                return None  # refused by admission: the worker answers, so it is alive
+        except RequestFailed as exc:  # the probe is never refused (protocol.Generate.probe)
             return f"probe failed: {exc}"
         return None
 

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from service.gateway import chat, completions, efficiency, handlers
 from service.gateway import schemas as s
+from service.gateway.common import engine_gate
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -25,19 +26,20 @@ class Route:
     request: type | None = None  # the JSON body's type
     response: type | None = None  # the 200 body's type (JSON)
     streams: type | None = None  # the type of each server-sent event when "stream": true
+    engine: bool = False  # sends work to the engine: passes common.engine_gate first
 
 
 ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/completions", completions.completions, "Text completion (OpenAI)",
-          s.CompletionRequest, s.Completion, s.Completion),
+          s.CompletionRequest, s.Completion, s.Completion, engine=True),
     Route("POST", "/v1/chat/completions", chat.chat_completions, "Chat completion with Phi-3's chat template",
-          s.ChatCompletionRequest, s.ChatCompletion, s.ChatCompletionChunk),
+          s.ChatCompletionRequest, s.ChatCompletion, s.ChatCompletionChunk, engine=True),
     Route("GET", "/v1/models", handlers.models, "The served model names", None, s.ModelList),
     Route("GET", "/v1/models/{model}", handlers.model_info, "One model with engine details"),
     Route("POST", "/tokenize", handlers.tokenize, "Token ids of a prompt or chat", s.TokenizeRequest,
-          s.TokenizeResponse),
+          s.TokenizeResponse, engine=True),
     Route("POST", "/detokenize", handlers.detokenize, "Text of token ids", s.DetokenizeRequest,
-          s.DetokenizeResponse),
+          s.DetokenizeResponse, engine=True),
     Route("GET", "/health", handlers.health, "Readiness: 200 only when the engine serves", None, s.Health),
     Route("GET", "/version", handlers.version, "Versions of the service and its engine", None, s.Version),
     Route("GET", "/efficiency", efficiency.efficiency,
@@ -51,8 +53,17 @@ ERROR_STATUSES = {"400": "Bad input (names the field)", "404": "Unknown model or
 
 def add_routes(app: web.Application) -> None:
     for route in ROUTES:
-        app.router.add_route(route.method, route.path.replace("{model}", "{model:.+}"), route.handler)
+        handler = _gated(route.handler) if route.engine else route.handler
+        app.router.add_route(route.method, route.path.replace("{model}", "{model:.+}"), handler)
     app.router.add_get("/openapi.json", openapi_handler)
+
+
+def _gated(handler: Handler) -> Handler:
+    async def gated(request: web.Request) -> web.StreamResponse:
+        engine_gate(request)
+        return await handler(request)
+
+    return gated
 
 
 def openapi_document() -> dict[str, Any]:

@@ -111,7 +111,8 @@ def test_engine_killed_with_50_in_flight_answers_all(own_service: ServiceProcess
         outcomes = [f.result(timeout=30) for f in futures]
     non_streaming = [o for i, o in enumerate(outcomes) if i % 3]
     streams = [o for i, o in enumerate(outcomes) if i % 3 == 0]
-    assert all(status == "503" and at - killed_at < 2.0 for status, at in non_streaming), non_streaming
+    assert all(status == "503" and at - killed_at < 2.0 for status, at in non_streaming), \
+        [(status, round(at - killed_at, 2)) for status, at in non_streaming]
     # a stream that had begun ends with an error event and [DONE]; one that had not gets a 503
     assert all(how in ("error", "503") for how, _ in streams), streams
     assert any(how == "error" for how, _ in streams), streams
@@ -367,6 +368,16 @@ def test_break_5_tokenizing_megabytes_does_not_starve_the_worker(own_service: Se
     assert latencies and max(latencies) < max(2.0, 20 * unloaded_s), (unloaded_s, latencies)
 
 
+def test_the_health_probe_is_not_counted_as_traffic(own_service: ServiceProcess) -> None:
+    def admitted() -> int:
+        with urllib.request.urlopen(own_service.base_url + "/efficiency", timeout=10) as resp:
+            return int(json.loads(resp.read())["admission"]["admitted_total"])
+
+    before = admitted()
+    time.sleep(3.5)  # three probes at health_check_interval=1 on an idle engine
+    assert admitted() == before
+
+
 def test_sigterm_drains_then_stops_everything_cleanly(own_service: ServiceProcess) -> None:
     import threading
 
@@ -396,48 +407,82 @@ def test_sigterm_drains_then_stops_everything_cleanly(own_service: ServiceProces
     assert not (own_service.runtime_dir / "engine.sock").exists()
 
 
-def test_a_stop_ends_within_stop_timeout_s_and_answers_what_was_still_running() -> None:
+GRACEFUL_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def small_queue() -> Iterator[ServiceProcess]:
+    """A queue of 4 behind 16 sequences, no latency refusals, and a short graceful stop; the
+    last test of the module stops it."""
+    svc = ServiceProcess(max_queue="4", efficiency_mode="false", stop_timeout_s=str(GRACEFUL_S),
+                         request_timeout_s="120").start()
+    try:
+        svc.wait_healthy()
+        yield svc
+    finally:
+        svc.stop()
+
+
+def test_waiting_means_one_thing_and_is_counted_in_one_place(small_queue: ServiceProcess) -> None:
+    """max_queue counts requests waiting to run (in the engine's queue or vLLM's), not those
+    running: 16 running and 4 waiting are all served; beyond that the engine refuses."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    svc = small_queue
+    tokens = tokens_for(svc, seconds=4.0)
+    body = {"prompt": "queue", "max_tokens": tokens, "ignore_eos": True}
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        statuses = [status for status, _ in pool.map(lambda _: post(svc, body, timeout_s=120), range(20))]
+    assert statuses == [200] * 20, statuses  # the gateway used to refuse all but 4 of them
+
+    with ThreadPoolExecutor(max_workers=30) as pool:
+        results = list(pool.map(lambda _: post(svc, body, timeout_s=120), range(30)))
+    statuses = [status for status, _ in results]
+    assert set(statuses) == {200, 429} and statuses.count(200) >= 20, statuses
+    assert all(answer["error"]["code"] == "overloaded" for status, answer in results if status == 429)
+    with urllib.request.urlopen(svc.base_url + "/efficiency", timeout=10) as resp:
+        refused = json.loads(resp.read())["refused"]
+    assert refused["engine"]["queue_full"] == statuses.count(429)  # all of them by the engine's admission
+
+
+def test_a_stop_ends_within_stop_timeout_s_and_answers_what_was_still_running(small_queue: ServiceProcess) -> None:
     """One deadline for the whole graceful stop: requests that would run far past it get
     their answer when it is up (503, or a stream's error event), and serve exits 0 soon after."""
     import threading
 
-    graceful_s = 2.0
-    svc = ServiceProcess(stop_timeout_s=str(graceful_s), request_timeout_s="120").start()
-    try:
-        svc.wait_healthy()
-        tokens = tokens_for(svc, seconds=15 * graceful_s, n=4)  # far past the deadline
-        body = {"prompt": "long", "max_tokens": tokens, "n": 4, "ignore_eos": True}
-        results: dict[str, object] = {}
+    graceful_s = GRACEFUL_S
+    svc = small_queue
+    tokens = tokens_for(svc, seconds=15 * graceful_s, n=4)  # far past the deadline
+    body = {"prompt": "long", "max_tokens": tokens, "n": 4, "ignore_eos": True}
+    results: dict[str, object] = {}
 
-        def stream() -> None:
-            req = urllib.request.Request(svc.base_url + "/v1/completions", method="POST",
-                                         data=json.dumps({**body, "stream": True}).encode(),
-                                         headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                results["stream"] = resp.read().decode()
+    def stream() -> None:
+        req = urllib.request.Request(svc.base_url + "/v1/completions", method="POST",
+                                     data=json.dumps({**body, "stream": True}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            results["stream"] = resp.read().decode()
 
-        threads = [threading.Thread(target=lambda: results.update(plain=post(svc, body, timeout_s=60))),
-                   threading.Thread(target=stream)]
-        for thread in threads:
-            thread.start()
-        wait_for(lambda: engine_running(svc) == 8, 10, "both requests (4 sequences each) to be generating")
-        assert svc.proc is not None
-        started = time.monotonic()
-        svc.proc.send_signal(signal.SIGTERM)
-        for thread in threads:
-            thread.join(30)
-        answered_s = time.monotonic() - started
-        status, answer = results["plain"]  # type: ignore[misc]
-        assert status == 503 and answer["error"]["code"] == "engine_unavailable", answer
-        assert "stopping" in answer["error"]["message"]
-        events = str(results["stream"])
-        assert '"error"' in events and events.rstrip().endswith("data: [DONE]"), events[-300:]
-        # at the deadline (less the second kept for writing them out): the drain waited, no longer
-        assert graceful_s - 1.5 < answered_s < graceful_s + 3, f"answered {answered_s:.1f} s after SIGTERM"
-        code = svc.proc.wait(30)
-        assert code == 0 and time.monotonic() - started < graceful_s + 10
-    finally:
-        svc.stop()
+    threads = [threading.Thread(target=lambda: results.update(plain=post(svc, body, timeout_s=60))),
+               threading.Thread(target=stream)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: engine_running(svc) == 8, 10, "both requests (4 sequences each) to be generating")
+    assert svc.proc is not None
+    started = time.monotonic()
+    svc.proc.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(30)
+    answered_s = time.monotonic() - started
+    status, answer = results["plain"]  # type: ignore[misc]
+    assert status == 503 and answer["error"]["code"] == "engine_unavailable", answer
+    assert "stopping" in answer["error"]["message"]
+    events = str(results["stream"])
+    assert '"error"' in events and events.rstrip().endswith("data: [DONE]"), events[-300:]
+    # at the deadline (less the second kept for writing them out): the drain waited, no longer
+    assert graceful_s - 1.5 < answered_s < graceful_s + 3, f"answered {answered_s:.1f} s after SIGTERM"
+    code = svc.proc.wait(30)
+    assert code == 0 and time.monotonic() - started < graceful_s + 10
 
 
 def test_engine_exits_when_its_parent_dies() -> None:

@@ -233,3 +233,38 @@ def test_the_wait_allowed_is_an_answer_within_twice_the_average_target() -> None
     adm._queue.clear()
     adm.service_s = 1.9  # long generations: a quarter of the target is always allowed
     assert adm.wait_allowance_s() == pytest.approx(0.125)
+
+
+async def test_waiting_means_one_thing_at_the_ceilings_too() -> None:
+    """At the ceilings requests pass straight through to vLLM's own queue: those waiting there
+    count against max_queue like those waiting here."""
+    clock = Clock()
+    adm = Admission(Limits(2, 100), 3, target_latency_s=0.5, max_rps=None, shed=False, clock=clock)
+    tickets = [await asyncio.wait_for(adm.admit(1, 1, clock.now), 1) for _ in range(5)]  # 2 run, 3 wait in vLLM
+    assert adm.backlog == 3
+    with pytest.raises(Refused) as refused:
+        adm.check()
+    assert refused.value.reason == "queue_full"
+    adm.finish(tickets[0], None)
+    adm.check()  # room again
+    for t in tickets[1:]:
+        adm.finish(t, None)
+
+
+async def test_the_health_probe_is_not_counted() -> None:
+    clock = Clock()
+    adm = make()
+    probe = await adm.admit(1, 1, clock.now, counted=False)
+    clock.now += 0.1
+    adm.finish(probe, 0.05, running_s=0.1)
+    assert (adm.admitted_total, len(adm.latencies), adm.service_s) == (0, 0, 0.0)
+    t = await adm.admit(1, 1, clock.now)
+    adm.finish(t, 0.05, running_s=0.2)
+    assert (adm.admitted_total, len(adm.latencies), adm.service_s) == (1, 1, 0.2)
+
+
+def test_tokenize_calls_beyond_max_queue_are_refused() -> None:
+    adm = make(max_queue=8)
+    adm.check_tokenizing(7)
+    with pytest.raises(Refused, match="tokenize"):
+        adm.check_tokenizing(8)

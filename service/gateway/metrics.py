@@ -16,6 +16,7 @@ from aioprometheus.renderer import render
 from aiohttp import web
 
 from shared.engine_client import EngineClient, EngineUnavailable
+from shared.process_tree import sibling_with_role
 from shared import protocol as p
 
 INF = float("inf")
@@ -121,7 +122,7 @@ class Metrics:
             roles["engine"] = [client.info.engine_pid]
         if stats is not None:
             roles["engine_core"] = stats.engine_core_pids
-        orchestrator = _sibling_with_role("orchestrator")
+        orchestrator = sibling_with_role("orchestrator")
         if orchestrator:
             roles["orchestrator"] = [orchestrator]
         total_rss = total_cpu = 0.0
@@ -151,21 +152,3 @@ class Metrics:
         await self.refresh(client)
         body, headers = render(self.registry, request.headers.getall("Accept", []))
         return web.Response(body=body, headers=headers)
-
-
-def _sibling_with_role(role: str) -> int | None:
-    """The pid of the process of `role` started by the same `serve` as this gateway."""
-    try:
-        parent = psutil.Process().parent()
-        if parent is None:
-            return None
-        for child in parent.children():
-            try:
-                cmd = child.cmdline()
-            except psutil.Error:
-                continue
-            if cmd and cmd[-1] == role or any(part.endswith(f" {role}") for part in cmd):
-                return child.pid
-    except psutil.Error:
-        return None
-    return None

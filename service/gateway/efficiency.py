@@ -9,6 +9,8 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+from aioprometheus import Gauge, Registry
+from aioprometheus.formats.text import TextFormatter
 
 from orchestrator.policy import optimization_settings
 from shared.engine_client import EngineUnavailable
@@ -98,18 +100,40 @@ async def efficiency(request: web.Request) -> web.Response:
 
 
 async def efficiency_metrics(request: web.Request) -> web.Response:
-    doc = await efficiency_document(request.app)
-    lines: list[str] = []
+    body, headers = exposition(await efficiency_document(request.app))
+    return web.Response(body=body, headers={**headers, "X-Content-Type-Options": "nosniff"})
+
+
+class _TextFormatter(TextFormatter):
+    """aioprometheus's text format with label values escaped as the format requires (backslash,
+    double quote, line feed); 23.12 writes them raw (claws/aioprometheus#91), so one odd value
+    would cut the scrape. tests/service/test_efficiency_metrics.py fails if it ever escapes twice."""
+
+    def _unify_labels(self, labels: dict[str, str], const_labels: dict[str, str],
+                      ordered: bool = False) -> dict[str, str]:
+        unified = super()._unify_labels(labels, const_labels, ordered)
+        return {k: _escape(str(v)) for k, v in unified.items()} if unified else unified
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def exposition(doc: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    """The /efficiency document in the Prometheus text format, and its Content-Type header."""
+    formatter = _TextFormatter()
+    return formatter.marshall(efficiency_registry(doc)), formatter.get_headers()
+
+
+def efficiency_registry(doc: dict[str, Any]) -> Registry:
+    """A registry of gauges built from one /efficiency document (a snapshot: nothing carries over)."""
+    registry = Registry()
 
     def gauge(name: str, help_: str, samples: list[tuple[dict[str, str], float | int | bool | None]]) -> None:
-        full = f"phi3_mini_efficiency_{name}"
-        lines.append(f"# HELP {full} {help_}")
-        lines.append(f"# TYPE {full} gauge")
+        g = Gauge(f"phi3_mini_efficiency_{name}", help_, registry=registry)
         for labels, value in samples:
-            if value is None:
-                continue
-            label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
-            lines.append(f"{full}{{{label_text}}} {float(value)}" if label_text else f"{full} {float(value)}")
+            if value is not None:
+                g.set(labels, float(value))
 
     gauge("mode", "1 when efficiency_mode steers the limits", [({}, doc["efficiency_mode"])])
     if "limits" in doc:
@@ -138,6 +162,4 @@ async def efficiency_metrics(request: web.Request) -> web.Response:
         gauge("pressure", "PSI some avg10 (%)", [({"resource": "memory"}, cg.get("memory_pressure_some_avg10")),
                                                  ({"resource": "cpu"}, cg.get("cpu_pressure_some_avg10"))])
         gauge("decisions", "Decisions kept in the report", [({}, len(doc["decisions"]))])
-    body = "\n".join(lines) + "\n"
-    return web.Response(text=body, content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    return registry

@@ -38,11 +38,29 @@ def run_engine(config: Phi3MiniConfig) -> int:
 
     cpu = _cpu_host()
     os.environ.update(settings.prepare_environment(config, cpu))
+    _route_vllm_logging(config)
     skip_unused_modules()  # before vLLM is imported; its spawned EngineCore does it in service.cli
     try:
         return asyncio.run(_main(config, cpu))
     except KeyboardInterrupt:
         return EXIT_STOPPED
+
+
+def _route_vllm_logging(config: Phi3MiniConfig) -> None:
+    """vLLM's records, here and in the EngineCore it spawns, as this service's JSON lines."""
+    import json
+
+    from shared.logging import vllm_logging_config
+    from shared.runtime_dir import UnsafeRuntimeDir, ensure_private_dir, write_private_file
+
+    level = os.environ["VLLM_LOGGING_LEVEL"]
+    path = config.socket_dir() / "vllm-logging.json"
+    try:
+        ensure_private_dir(path.parent)
+        write_private_file(path, json.dumps(vllm_logging_config(level, "engine")).encode())
+    except (OSError, UnsafeRuntimeDir):
+        return  # the start fails on the runtime dir later, with its own message
+    os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(path)
 
 
 def _cpu_host() -> bool:

@@ -21,7 +21,7 @@ from service.engine.admission import Admission, Refused, Ticket
 from service.engine.stats import Counters, SchedulerSnapshot
 from shared import protocol as p
 from shared.framing import FrameConnection, FrameTooLarge, PeerNotReading
-from shared.logging import get_logger
+from shared.logging import bind_request_id, get_logger
 
 log = get_logger(__name__)
 _debug = False  # set by the worker's main when log_level is DEBUG
@@ -212,6 +212,7 @@ class EngineServer:
         )
 
     async def _run(self, conn: EngineConnection, msg: p.Generate) -> None:
+        bind_request_id(msg.request_id)  # this task's lines carry the client's request id
         rid = msg.rid
         arrived = time.monotonic()
         ticket: Ticket | None = None
@@ -263,7 +264,7 @@ class EngineServer:
                     if not msg.probe:
                         self._count(len(ids), generated)
                     if _debug:
-                        log.debug("request finished", request_id=msg.request_id, prompt_tokens=len(ids),
+                        log.debug("request finished", prompt_tokens=len(ids),
                                   generated_tokens=generated)
                     return
                 conn.send(p.Output(rid, choices))
@@ -273,12 +274,12 @@ class EngineServer:
         except Exception as exc:  # one bad request must not take the worker down
             failure = failure_for(rid, exc)
             if failure.status >= 500 and failure.code == "internal_error":
-                log.exception("request failed", rid=rid, request_id=msg.request_id)  # a bug: its traceback
+                log.exception("request failed", rid=rid)  # a bug: its traceback
             elif failure.status < 500 and failure.status != 429:
-                log.info("request refused", request_id=msg.request_id, status=failure.status, param=failure.param,
+                log.info("request refused", status=failure.status, param=failure.param,
                          reason=failure.message)
             elif failure.code == "gateway_not_reading":
-                log.warning("gateway stopped reading: request aborted", rid=rid, request_id=msg.request_id)
+                log.warning("gateway stopped reading: request aborted", rid=rid)
             if failure.code == "engine_dead":
                 self.dead.set()
             conn.send(failure)

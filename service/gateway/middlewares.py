@@ -13,7 +13,7 @@ from aiohttp import web
 from service.gateway.errors import REQUEST_ID_HEADER, ApiError, error_response
 from service.gateway.keys import CONFIG, METRICS, RECORD, REQUEST_ID
 from service.gateway.slow_clients import ClientStalled
-from shared.logging import get_logger
+from shared.logging import bind_request_id, get_logger
 
 log = get_logger("citadel.request")
 
@@ -28,6 +28,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     given = request.headers.get(REQUEST_ID_HEADER)
     request_id = given[:128] if given and given.isascii() and given.isprintable() else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
+    bind_request_id(request_id)  # on every line logged while this request is handled
     status = 500
     metrics = request.app[METRICS]
     metrics.in_flight.inc({})
@@ -42,7 +43,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         raise
     except ClientStalled as stalled:
         status = CLIENT_CLOSED  # the client stopped reading or hung up; connection and request aborted
-        log.warning("stream aborted", reason=str(stalled), request_id=request_id)
+        log.warning("stream aborted", reason=str(stalled))
         return stalled.response  # aiohttp finds its connection closed and lets it go
     finally:
         metrics.in_flight.dec({})
@@ -53,7 +54,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         record = request.get(RECORD)
         metrics.observe(endpoint, status, elapsed, record)
         if request.path not in _QUIET_ROUTES:
-            fields = {"request_id": request_id, "method": request.method, "route": endpoint,
+            fields = {"method": request.method, "route": endpoint,
                       "status": status, "e2e_ms": round(elapsed * 1000, 1)}
             if record is not None:
                 fields.update(prompt_tokens=record.prompt_tokens, generated_tokens=record.completion_tokens,
@@ -98,7 +99,7 @@ async def _handle(request: web.Request, handler: Handler, request_id: str, bad_i
     except ClientStalled:
         raise
     except Exception:
-        log.exception("unhandled error", request_id=request_id, path=request.path)
+        log.exception("unhandled error", path=request.path)
         return error_response(ApiError(500, f"Internal server error (request id {request_id})"), request_id)
     if not response.prepared:
         response.headers[REQUEST_ID_HEADER] = request_id

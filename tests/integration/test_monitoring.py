@@ -144,6 +144,18 @@ async def test_request_id_reaches_the_engine_worker(service: ServiceProcess) -> 
     assert line["param"] == "max_tokens"
 
 
+def test_vllms_own_records_are_the_same_json_lines(service: ServiceProcess) -> None:
+    """vLLM logs through the standard library, in the engine worker and in the EngineCore it
+    spawns: its records reach the journal as this service's JSON lines, with the role."""
+    vllm_lines = [ln for ln in _log_lines(service) if str(ln.get("logger", "")).startswith("vllm")]
+    assert vllm_lines, "no vLLM record came out as a JSON line"
+    assert all(ln["role"] == "engine" and ln["level"] and ln["timestamp"] and ln["event"] for ln in vllm_lines)
+    assert {ln["logger"] for ln in vllm_lines} & {"vllm.v1.engine.core", "vllm.v1.engine.core_client"}  # the EngineCore's
+    plain = [raw for raw in service.log_path.read_text(errors="replace").splitlines()
+             if raw.startswith(("INFO ", "WARNING ", "DEBUG ", "(EngineCore"))]
+    assert not plain, plain[:5]  # vLLM's own text format
+
+
 async def test_generated_request_id_when_none_given(service: ServiceProcess) -> None:
     _, body, headers = await complete(service, {"prompt": "x", "max_tokens": 1})
     assert len(headers["X-Request-Id"]) >= 16

@@ -156,10 +156,14 @@ class EngineServer:
             ids = prompt
             if not ids:
                 raise RequestError("prompt must not be empty", "prompt")
-            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise RequestError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})", "prompt")
+            self._check_vocabulary(ids, "prompt")
         return self._fit(ids)
+
+    def _check_vocabulary(self, ids: list[int], param: str) -> None:
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is out of vocabulary: this model's vocabulary size is "
+                               f"{self.vocab_size} (ids 0..{self.vocab_size - 1})", param)
 
     def _fit(self, ids: list[int], param: str = "prompt") -> list[int]:
         if not ids:
@@ -182,9 +186,7 @@ class EngineServer:
                 "max_tokens",
             )
         for name, token_ids in (("logit_bias", [t for t, _ in spec.logit_bias]), ("stop_token_ids", spec.stop_token_ids)):
-            bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise RequestError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})", name)
+            self._check_vocabulary(token_ids, name)
         try:
             return self._sampling_params(spec, max_tokens, stream)
         except ValueError as exc:  # vLLM's checks of the parameters themselves: the client's error
@@ -302,9 +304,7 @@ class EngineServer:
         self.tokenizing += 1
         try:
             if isinstance(msg, p.Detokenize):
-                bad = next((t for t in msg.tokens if not 0 <= t < self.vocab_size), None)
-                if bad is not None:
-                    raise RequestError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})", "tokens")
+                self._check_vocabulary(msg.tokens, "tokens")
                 return p.TokenizeResult(msg.rid, msg.tokens, await self._decode(msg.tokens))
             if msg.chat is not None:
                 ids = await self._chat_ids(msg.chat)

@@ -8,13 +8,10 @@ import time
 from aiohttp import web
 
 from service.gateway import schemas as s
-from service.gateway.common import (ENGINE_ERRORS, check_model, complete, decode_body, encode, end_stream,
-                                    end_stream_with_error, finish, request_record, sampling_spec, sse, start_sse,
-                                    stream)
+from service.gateway.common import (check_model, complete, decode_body, encode, finish, relay_stream, request_record,
+                                    sampling_spec, sse, stream)
 from service.gateway.errors import ApiError
 from service.gateway.keys import RECORD, REQUEST_ID
-from service.gateway.metrics import RequestRecord
-from service.gateway.slow_clients import EventStream
 from shared import protocol as p
 
 
@@ -60,33 +57,17 @@ async def _stream(request: web.Request, req: s.ChatCompletionRequest, model: str
                   params: p.SamplingSpec, request_id: str) -> web.StreamResponse:
     created = int(time.time())
     cid = f"chatcmpl-{request_id}"
-    deltas = stream(request, [""], params, chat=chat)
-    events: EventStream | None = None
-    record = request[RECORD] = RequestRecord()
-    finals: list[p.Output] = []
 
     def chunk(choices: list[s.ChatChunkChoice], usage: s.Usage | None = None) -> bytes:
         return sse(encode(s.ChatCompletionChunk(id=cid, created=created, model=model, choices=choices, usage=usage)))
 
-    try:
-        async for _, out in deltas:
-            if events is None:
-                events = await start_sse(request, request_id)
-                # OpenAI's first chunk carries the role of every choice.
-                await events.send(chunk([s.ChatChunkChoice(i, s.ChatDelta(role="assistant", content=""))
-                                            for i in range(params.n)]))
-            record.completion_tokens += sum(c.tokens for c in out.choices)
-            record.prompt_tokens += out.prompt_tokens
-            if out.finished:
-                finals.append(out)
-            choices = [s.ChatChunkChoice(c.index, s.ChatDelta(content=c.text), _logprobs(c), finish(c.finish_reason))
-                       for c in out.choices]
-            if choices:
-                await events.send(chunk(choices))
-    except ENGINE_ERRORS as exc:
-        return await end_stream_with_error(events, exc)
-    finally:
-        await deltas.aclose()
-    assert events is not None
+    def events_of(_: int, out: p.Output) -> list[bytes]:
+        choices = [s.ChatChunkChoice(c.index, s.ChatDelta(content=c.text), _logprobs(c), finish(c.finish_reason))
+                   for c in out.choices]
+        return [chunk(choices)] if choices else []
+
+    # OpenAI's first chunk carries the role of every choice.
+    opening = [chunk([s.ChatChunkChoice(i, s.ChatDelta(role="assistant", content="")) for i in range(params.n)])]
     include_usage = req.stream_options is not None and req.stream_options.include_usage
-    return await end_stream(events, record, finals, (lambda usage: chunk([], usage)) if include_usage else None)
+    return await relay_stream(request, stream(request, [""], params, chat=chat), events_of, opening,
+                              (lambda usage: chunk([], usage)) if include_usage else None)

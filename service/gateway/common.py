@@ -16,7 +16,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from service.gateway import schemas as s
 from shared.engine_client import DeadlineExceeded, EngineUnavailable, RequestFailed
 from service.gateway.errors import ApiError, error_body, from_validation
-from service.gateway.keys import CLIENT, CONFIG, DRAINING, HEALTH, REQUEST_ID
+from service.gateway.keys import CLIENT, CONFIG, DRAINING, HEALTH, RECORD, REQUEST_ID
 from service.gateway.metrics import RequestRecord
 from service.gateway.slow_clients import ClientStalled, EventStream
 from shared import protocol as p
@@ -157,6 +157,36 @@ async def start_sse(request: web.Request, request_id: str) -> EventStream:
     except ConnectionResetError:
         raise ClientStalled(response, "the client closed the connection") from None
     return EventStream(request, response, request.app[CONFIG].client_timeout_s)
+
+
+async def relay_stream(request: web.Request, deltas: AsyncIterator[tuple[int, p.Output]],
+                       events_of: Callable[[int, p.Output], list[bytes]], opening: list[bytes],
+                       usage_event: Callable[[s.Usage], bytes] | None) -> web.StreamResponse:
+    """The one stream loop of the generation routes: the engine's deltas out as server-sent
+    events (`events_of` renders a delta of prompt `index`; `opening` goes first), counted
+    for the log line and the metrics; an error before the first event is a plain JSON
+    error, after it an error event; then the usage event if asked, and [DONE]."""
+    events: EventStream | None = None
+    record = request[RECORD] = RequestRecord()
+    finals: list[p.Output] = []
+    try:
+        async for index, out in deltas:
+            if events is None:
+                events = await start_sse(request, request[REQUEST_ID])
+                for event in opening:
+                    await events.send(event)
+            record.completion_tokens += sum(c.tokens for c in out.choices)
+            record.prompt_tokens += out.prompt_tokens
+            if out.finished:
+                finals.append(out)
+            for event in events_of(index, out):
+                await events.send(event)
+    except ENGINE_ERRORS as exc:
+        return await end_stream_with_error(events, exc)
+    finally:
+        await deltas.aclose()  # type: ignore[attr-defined]
+    assert events is not None  # every prompt ends with a final delta or an error
+    return await end_stream(events, record, finals, usage_event)
 
 
 async def end_stream_with_error(events: EventStream | None, exc: Exception) -> web.StreamResponse:

@@ -7,13 +7,10 @@ import time
 from aiohttp import web
 
 from service.gateway import schemas as s
-from service.gateway.common import (ENGINE_ERRORS, check_model, complete, decode_body, encode, end_stream,
-                                    end_stream_with_error, finish, request_record, sampling_spec, sse, start_sse,
-                                    stream)
+from service.gateway.common import (check_model, complete, decode_body, encode, finish, relay_stream, request_record,
+                                    sampling_spec, sse, stream)
 from service.gateway.errors import ApiError
 from service.gateway.keys import RECORD, REQUEST_ID
-from service.gateway.metrics import RequestRecord
-from service.gateway.slow_clients import EventStream
 from shared import protocol as p
 
 
@@ -82,35 +79,19 @@ async def _stream(request: web.Request, req: s.CompletionRequest, model: str, pr
     n = params.n
     created = int(time.time())
     cid = f"cmpl-{request_id}"
-    deltas = stream(request, prompts, params, echo=req.echo)
-    events: EventStream | None = None
-    record = request[RECORD] = RequestRecord()
-    finals: list[p.Output] = []
     offsets: dict[int, int] = {}
-    try:
-        async for index, out in deltas:
-            if events is None:  # errors before the first token are still plain JSON errors
-                events = await start_sse(request, request_id)
-            record.completion_tokens += sum(c.tokens for c in out.choices)
-            record.prompt_tokens += out.prompt_tokens
-            if out.finished:
-                finals.append(out)
-            choices = []
-            for c in out.choices:
-                k = index * n + c.index
-                choices.append(s.CompletionChoice(k, c.text, _logprobs(c, offsets.get(k, 0)), finish(c.finish_reason)))
-                offsets[k] = offsets.get(k, 0) + len(c.text)
-            if choices:
-                chunk = s.Completion(id=cid, created=created, model=model, choices=choices)
-                await events.send(sse(encode(chunk)))
-    except ENGINE_ERRORS as exc:
-        return await end_stream_with_error(events, exc)
-    finally:
-        await deltas.aclose()
-    assert events is not None
-    include_usage = req.stream_options is not None and req.stream_options.include_usage
+
+    def events_of(index: int, out: p.Output) -> list[bytes]:
+        choices = []
+        for c in out.choices:
+            k = index * n + c.index
+            choices.append(s.CompletionChoice(k, c.text, _logprobs(c, offsets.get(k, 0)), finish(c.finish_reason)))
+            offsets[k] = offsets.get(k, 0) + len(c.text)
+        return [sse(encode(s.Completion(id=cid, created=created, model=model, choices=choices)))] if choices else []
 
     def usage_event(usage: s.Usage) -> bytes:
         return sse(encode(s.Completion(id=cid, created=created, model=model, choices=[], usage=usage)))
 
-    return await end_stream(events, record, finals, usage_event if include_usage else None)
+    include_usage = req.stream_options is not None and req.stream_options.include_usage
+    return await relay_stream(request, stream(request, prompts, params, echo=req.echo), events_of, [],
+                              usage_event if include_usage else None)

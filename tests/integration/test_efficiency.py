@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -151,7 +152,7 @@ async def test_efficiency_shows_measurements_throughput_and_prometheus_text(stee
     with urllib.request.urlopen(steered.base_url + "/metrics/efficiency", timeout=10) as resp:
         text = resp.read().decode()
     assert f'phi3_mini_efficiency_ceiling{{limit="max_num_seqs"}} {float(CEILING)}' in text
-    assert 'phi3_mini_efficiency_process_rss_mb{role="engine"' in text
+    assert re.search(r'phi3_mini_efficiency_process_rss_mb\{pid="\d+",role="engine"\}', text)  # labels sorted
 
 
 async def test_rate_limit_rps_refuses_beyond_the_cap_with_its_own_code(capped: ServiceProcess) -> None:

@@ -32,7 +32,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from servers import RESULTS_DIR  # noqa: E402
-from tests.helpers import ServiceProcess  # noqa: E402
+from service.local import ServiceProcess  # noqa: E402
 
 HEAP_PROBE_DIR = Path(__file__).resolve().parent / "heap_probe"
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from service.engine.settings import kv_cache_bytes  # noqa: E402
 from shared.config import Phi3MiniConfig  # noqa: E402
-from tests.helpers import ServiceProcess, demo_model_dir, free_port  # noqa: E402
+from service.local import ServiceProcess, demo_model_dir, free_port  # noqa: E402
 
 
 class Server:

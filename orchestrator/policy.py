@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.config import Phi3MiniConfig
+from shared.optimizations import optimization_settings
 from shared.protocol import Decision
 
 
@@ -150,33 +151,3 @@ class EfficiencyManager:
             "ceilings": {"max_num_seqs": self.ceilings[0], "max_num_batched_tokens": self.ceilings[1]},
             "decisions": len(self.decisions),
         }
-
-
-def optimization_settings(c: Phi3MiniConfig) -> dict[str, Any]:
-    """What the efficiency settings switch on, from the configuration alone."""
-    return {
-        "efficiency_mode": c.efficiency_mode,
-        "steering": "adaptive admission limits (AIMD on the p95 time in the engine, and memory)" if c.efficiency_mode
-                    else "off: the limits stay at the configured ceilings; the orchestrator only observes",
-        "memory_optimization": {
-            "enabled": c.memory_optimization,
-            "effect": (f"KV cache sized to fit memory_gb={c.memory_gb:g} beside the weights"
-                       if c.memory_optimization else "KV cache sized by vLLM's gpu_memory_utilization rule"),
-        },
-        "cpu_optimization": {
-            "enabled": c.cpu_optimization,
-            "effect": (f"engine threads bound to {max(c.cpu_cores - 1, 1)} of the {c.cpu_cores} allotted cores"
-                       if c.cpu_optimization else "engine threads left to the OS scheduler"),
-        },
-        "max_throughput_rps": {
-            "value": c.max_throughput_rps,
-            "effect": (f"latency steering keeps the sequences {c.max_throughput_rps:g} requests/s need"
-                       if c.efficiency_mode else "none: efficiency_mode is off"),
-        },
-        "rate_limit_rps": {
-            "value": c.rate_limit_rps,
-            "effect": f"429 beyond {c.rate_limit_rps:g} requests/s" if c.rate_limit_rps else "off: no hard cap",
-        },
-        "target_latency_ms": c.target_latency_ms,
-        "memory_gb": c.memory_gb,
-    }

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import struct
 from pathlib import Path
 
 MANIFEST = "model.sha256"
@@ -107,3 +109,14 @@ def download(model_name: str, model_dir: str | Path) -> Path:
     snapshot_download(repo_id=model_name, local_dir=str(model_dir),
                       allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"])
     return write_manifest(model_dir)
+
+
+def count_parameters(model_dir: str | Path) -> int:
+    """Parameters in the safetensors files, from their headers (no weights are read)."""
+    total = 0
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        total += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    return total

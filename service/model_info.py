@@ -3,23 +3,11 @@ from the running engine when it answers, else from the configuration and the mod
 
 from __future__ import annotations
 
-import json
-import math
-import struct
 from pathlib import Path
 from typing import Any
 
+from service.model_files import count_parameters
 from shared.config import Phi3MiniConfig
-
-def count_parameters(model_dir: str | Path) -> int:
-    """Parameters in the safetensors files, from their headers (no weights are read)."""
-    total = 0
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        total += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
-    return total
 
 
 class Phi3MiniService:

@@ -97,7 +97,7 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
                  kv_cache_bytes=args.kv_cache_memory_bytes, omp_threads=os.environ.get("OMP_NUM_THREADS"))
         from service.engine.admission import Admission, Limits
         from service.engine.stats import SchedulerSnapshot
-        from service.model_info import count_parameters
+        from service.model_files import count_parameters
 
         scheduler = SchedulerSnapshot()
         engine = AsyncLLM.from_engine_args(args, stat_loggers=[scheduler.factory])

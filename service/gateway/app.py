@@ -18,7 +18,7 @@ from service.gateway.metrics import Metrics
 from service.gateway.errors import ApiError, error_response
 from service.gateway.middlewares import check_api_key, request_middleware
 from service.gateway.routes import add_routes
-from service.gateway.slow_clients import GatewayRunner
+from service.gateway.runner import GatewayRunner
 from shared import sd_notify
 from shared.config import Phi3MiniConfig
 from shared.logging import get_logger

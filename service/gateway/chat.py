@@ -8,10 +8,11 @@ import time
 from aiohttp import web
 
 from service.gateway import schemas as s
-from service.gateway.common import (check_model, complete, decode_body, encode, finish, relay_stream, request_record,
-                                    sampling_spec, sse, stream)
+from service.gateway.common import (check_model, complete, decode_body, encode, finish, relay_stream, sampling_spec,
+                                    sse, stream)
 from service.gateway.errors import ApiError
 from service.gateway.keys import RECORD, REQUEST_ID
+from service.gateway.request_record import request_record
 from shared import protocol as p
 
 

@@ -17,8 +17,8 @@ from service.gateway import schemas as s
 from shared.engine_client import DeadlineExceeded, EngineUnavailable, RequestFailed
 from service.gateway.errors import ApiError, error_body, from_validation
 from service.gateway.keys import CLIENT, CONFIG, DRAINING, HEALTH, RECORD, REQUEST_ID
-from service.gateway.metrics import RequestRecord
-from service.gateway.slow_clients import ClientStalled, EventStream
+from service.gateway.request_record import RequestRecord, request_record
+from service.gateway.sse import ClientStalled, EventStream
 from shared import protocol as p
 
 T = TypeVar("T")
@@ -136,17 +136,6 @@ def engine_error(exc: Exception) -> ApiError:
 
 def finish(reason: p.FinishReason | None) -> Any:
     return None if reason is None else reason.openai
-
-
-def request_record(outputs: list[p.Output], prompt_tokens: int, completion_tokens: int) -> RequestRecord:
-    rec = RequestRecord(prompt_tokens, completion_tokens)
-    timed = [o for o in outputs if o.ttft_s > 0]
-    if timed:
-        rec.ttft_s = max(o.ttft_s for o in timed)
-        gaps = completion_tokens - len(timed)  # token-to-token intervals (n=1 per output)
-        if gaps > 0:
-            rec.itl_s = sum(o.decode_s for o in timed) / gaps
-    return rec
 
 
 async def start_sse(request: web.Request, request_id: str) -> EventStream:

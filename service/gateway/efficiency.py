@@ -12,10 +12,10 @@ from aiohttp import web
 from aioprometheus import Gauge, Registry
 from aioprometheus.formats.text import TextFormatter
 
-from orchestrator.policy import optimization_settings
 from shared.engine_client import EngineUnavailable
 from service.gateway.keys import CLIENT, CONFIG, METRICS
 from shared import protocol as p
+from shared.optimizations import optimization_settings
 
 STATS_TIMEOUT_S = 1.0
 _decode_report = msgspec.json.Decoder(p.EfficiencyReport).decode

@@ -8,7 +8,8 @@ from aiohttp import web
 
 from shared.engine_client import EngineClient
 from service.gateway.health import HealthMonitor
-from service.gateway.metrics import Metrics, RequestRecord
+from service.gateway.metrics import Metrics
+from service.gateway.request_record import RequestRecord
 from shared.config import Phi3MiniConfig
 
 CONFIG = web.AppKey("config", Phi3MiniConfig)

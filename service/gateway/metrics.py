@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 
 import psutil
 from aioprometheus import Counter, Gauge, Histogram, Registry
 from aioprometheus.renderer import render
 from aiohttp import web
 
+from service.gateway.request_record import RequestRecord
 from shared.engine_client import EngineClient, EngineUnavailable
 from shared.process_tree import sibling_with_role
 from shared import protocol as p
@@ -26,16 +26,6 @@ LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 
 ITL_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, INF)
 STATS_TIMEOUT_S = 1.0
 GIB = float(1 << 30)
-
-
-@dataclass
-class RequestRecord:
-    """What a handler learned about one generation request, for the log line and metrics."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    ttft_s: float = 0.0
-    itl_s: float = 0.0
 
 
 class Metrics:

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from service.gateway.errors import REQUEST_ID_HEADER, ApiError, error_response
 from service.gateway.keys import CONFIG, METRICS, RECORD, REQUEST_ID
-from service.gateway.slow_clients import ClientStalled
+from service.gateway.sse import ClientStalled
 from shared.logging import bind_request_id, get_logger
 
 log = get_logger("citadel.request")

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import Phi3MiniService
-from service.model_info import count_parameters
+from service.model_files import count_parameters
 from shared.config import load_config
 from tests.helpers import ServiceProcess, demo_model_dir
 

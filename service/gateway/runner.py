@@ -1,17 +1,16 @@
-"""Deadlines for slow clients, which aiohttp does not have on its own.
+"""The gateway's `web.AppRunner`, with the deadline aiohttp does not have on its own: the
+request head (request line and headers) must arrive within `client_timeout_s` of its first
+byte, or the connection is closed, so a client trickling header bytes holds nothing. Idle
+keep-alive connections are left to the keep-alive timeout. aiohttp's own protocol-level
+refusals are OpenAI's error JSON here too.
 
-- The request head (request line and headers) must arrive within `client_timeout_s` of its
-  first byte, or the connection is closed: a client trickling header bytes holds nothing.
-  Idle keep-alive connections are left to the keep-alive timeout.
-- Each write of a stream must drain within `client_timeout_s`: a client that stops reading
-  gets its connection aborted and its request aborted in the engine (`EventStream`).
-The body's deadline is in `common.decode_body`.
+The other slow-client deadlines: the body's in `common.decode_body`, each write of a stream
+in `sse.EventStream`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
 from typing import Any
 
 from aiohttp import web
@@ -108,39 +107,3 @@ class GatewayRunner(web.AppRunner):
         return _Server(base.request_handler, request_factory=base.request_factory,
                        handler_cancellation=base.handler_cancellation, loop=asyncio.get_running_loop(),
                        head_timeout_s=self._head_timeout_s, **base._kwargs)
-
-
-class ClientStalled(Exception):
-    """The client stopped reading a stream, or closed its connection: the stream is over
-    (a 499 in the log and the metrics) and its request is aborted in the engine."""
-
-    def __init__(self, response: web.StreamResponse, reason: str = "the client stopped reading") -> None:
-        super().__init__(reason)
-        self.response = response
-
-
-class EventStream:
-    """A prepared streaming response whose every write must drain within `stall_s`."""
-
-    __slots__ = ("request", "response", "stall_s")
-
-    def __init__(self, request: web.Request, response: web.StreamResponse, stall_s: float) -> None:
-        self.request, self.response, self.stall_s = request, response, stall_s
-
-    async def send(self, data: bytes) -> None:
-        await self._within_stall(self.response.write(data))
-
-    async def close(self) -> None:
-        await self._within_stall(self.response.write_eof())
-
-    async def _within_stall(self, write: Awaitable[None]) -> None:
-        try:
-            async with asyncio.timeout(self.stall_s):
-                await write
-        except TimeoutError:
-            transport = self.request.transport
-            if transport is not None:
-                transport.abort()  # close() would wait for the full buffer to drain
-            raise ClientStalled(self.response) from None
-        except ConnectionResetError:  # aiohttp's ClientConnectionResetError too: the client hung up
-            raise ClientStalled(self.response, "the client closed the connection") from None

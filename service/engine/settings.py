@@ -108,6 +108,12 @@ def prepare_environment(config: Phi3MiniConfig, cpu: bool) -> dict[str, str]:
         # glibc makes an arena per thread; vLLM's processes run dozens of threads, and the
         # arenas hold freed memory. Two are enough here and keep RSS down.
         "MALLOC_ARENA_MAX": "2",
+        # oneDNN (vLLM's CPU matmuls) keeps each primitive it builds, one per batch size and
+        # weight shape, in a process-wide cache of 1024 by default: the EngineCore's heap grew
+        # for as long as new batch sizes came (+230 MB over 40 overload passes, not levelled;
+        # issue 14, break 9). 128 holds it level (+90 MB, then flat) at the same requests/s
+        # in an alternating A/B; 0 holds it flatter but rebuilds every primitive (slower).
+        "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128",
         # (Fixed MALLOC_TRIM_THRESHOLD_/MALLOC_MMAP_THRESHOLD_ were tried: no lower peak RSS
         # and 8-9 % fewer requests/s, every 128 KiB tensor becoming an mmap.)
     }

@@ -240,8 +240,9 @@ class EngineClient:
             lambda rid: p.SetLimits(rid, max_num_seqs, max_num_batched_tokens, reason), timeout_s)
 
     async def tokenize(self, text: str | None, chat: list[p.ChatMessage] | None, add_special_tokens: bool,
-                       timeout_s: float) -> p.TokenizeResult:
-        return await self._ask(lambda rid: p.Tokenize(rid, text, chat, add_special_tokens), timeout_s)  # type: ignore[no-any-return]
+                       timeout_s: float, add_generation_prompt: bool = True) -> p.TokenizeResult:
+        return await self._ask(  # type: ignore[no-any-return]
+            lambda rid: p.Tokenize(rid, text, chat, add_special_tokens, add_generation_prompt), timeout_s)
 
     async def detokenize(self, tokens: list[int], timeout_s: float) -> p.TokenizeResult:
         return await self._ask(lambda rid: p.Detokenize(rid, tokens), timeout_s)  # type: ignore[no-any-return]

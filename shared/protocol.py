@@ -78,6 +78,7 @@ class Tokenize(_Msg, tag="tok"):
     text: str | None = None
     chat: list[ChatMessage] | None = None  # rendered with the chat template first
     add_special_tokens: bool = True
+    add_generation_prompt: bool = True  # with chat: end with the opening of the assistant's turn
 
 
 class Detokenize(_Msg, tag="detok"):

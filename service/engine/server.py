@@ -137,12 +137,13 @@ class EngineServer:
             return self.tokenizer.decode(ids)  # type: ignore[no-any-return]
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, self.tokenizer.decode, ids)
 
-    async def _chat_ids(self, chat: list[p.ChatMessage]) -> list[int]:
+    async def _chat_ids(self, chat: list[p.ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         if not chat:
             raise RequestError("messages must not be empty", "messages")
         try:
             text = self.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in chat], add_generation_prompt=True, tokenize=False)
+                [{"role": m.role, "content": m.content} for m in chat], add_generation_prompt=add_generation_prompt,
+                tokenize=False)
         except Exception as exc:  # a template may reject a conversation (e.g. role order)
             raise RequestError(f"messages cannot be rendered with the chat template: {exc}", "messages") from None
         return await self._encode(text, add_special_tokens=False)
@@ -307,7 +308,7 @@ class EngineServer:
                 self._check_vocabulary(msg.tokens, "tokens")
                 return p.TokenizeResult(msg.rid, msg.tokens, await self._decode(msg.tokens))
             if msg.chat is not None:
-                ids = await self._chat_ids(msg.chat)
+                ids = await self._chat_ids(msg.chat, msg.add_generation_prompt)
             else:
                 ids = await self._encode(msg.text or "", add_special_tokens=msg.add_special_tokens)
             return p.TokenizeResult(msg.rid, ids, msg.text or "")

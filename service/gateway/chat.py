@@ -26,6 +26,24 @@ def _logprobs(choice: p.Choice) -> s.ChatLogprobs | None:
     ])
 
 
+def chat_messages(messages: list[s.ChatMessageIn]) -> list[p.ChatMessage]:
+    """The conversation for the chat template. Content given as parts is its text parts
+    joined with a newline (as vLLM does); any other part is a 400 naming it."""
+    out = []
+    for i, m in enumerate(messages):
+        if isinstance(m.content, str):
+            out.append(p.ChatMessage(m.role, m.content))
+            continue
+        texts = []
+        for j, part in enumerate(m.content):
+            if part.type != "text" or part.text is None:
+                raise ApiError(400, f"Content parts of type {part.type!r} cannot be served by this text model; "
+                                    "only {'type': 'text', 'text': ...} parts", f"messages[{i}].content[{j}].type")
+            texts.append(part.text)
+        out.append(p.ChatMessage(m.role, "\n".join(texts)))
+    return out
+
+
 def _params(req: s.ChatCompletionRequest) -> p.SamplingSpec:
     if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
         raise ApiError(400, "max_tokens and max_completion_tokens disagree; give one", "max_completion_tokens")
@@ -39,7 +57,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = await decode_body(request, s.ChatCompletionRequest)
     model = check_model(request, req.model)
     params = _params(req)
-    chat = [p.ChatMessage(m.role, m.content) for m in req.messages]
+    chat = chat_messages(req.messages)
     request_id = request[REQUEST_ID]
     if req.stream:
         return await _stream(request, req, model, chat, params, request_id)
@@ -62,13 +80,12 @@ async def _stream(request: web.Request, req: s.ChatCompletionRequest, model: str
     def chunk(choices: list[s.ChatChunkChoice], usage: s.Usage | None = None) -> bytes:
         return sse(encode(s.ChatCompletionChunk(id=cid, created=created, model=model, choices=choices, usage=usage)))
 
-    def events_of(_: int, out: p.Output) -> list[bytes]:
-        choices = [s.ChatChunkChoice(c.index, s.ChatDelta(content=c.text), _logprobs(c), finish(c.finish_reason))
-                   for c in out.choices]
-        return [chunk(choices)] if choices else []
+    def events_of(_: int, out: p.Output) -> list[bytes]:  # one choice per chunk, as OpenAI and vLLM send
+        return [chunk([s.ChatChunkChoice(c.index, s.ChatDelta(content=c.text), _logprobs(c), finish(c.finish_reason))])
+                for c in out.choices]
 
-    # OpenAI's first chunk carries the role of every choice.
-    opening = [chunk([s.ChatChunkChoice(i, s.ChatDelta(role="assistant", content="")) for i in range(params.n)])]
+    # OpenAI's first chunk of each choice carries its role.
+    opening = [chunk([s.ChatChunkChoice(i, s.ChatDelta(role="assistant", content=""))]) for i in range(params.n)]
     include_usage = req.stream_options is not None and req.stream_options.include_usage
     return await relay_stream(request, stream(request, [""], params, chat=chat), events_of, opening,
                               (lambda usage: chunk([], usage)) if include_usage else None)

@@ -48,7 +48,9 @@ def _logprobs(choice: p.Choice, offset: int) -> s.CompletionLogprobs | None:
         offset += len(lp.token)
     return s.CompletionLogprobs(
         tokens=tokens, token_logprobs=[lp.logprob for lp in choice.logprobs],
-        top_logprobs=[{t.token: t.logprob for t in lp.top} for lp in choice.logprobs], text_offset=offsets)
+        # the sampled token is always among them (OpenAI's legacy completions, and vLLM): "logprobs": 0 gives it alone
+        top_logprobs=[{**{t.token: t.logprob for t in lp.top}, lp.token: lp.logprob} for lp in choice.logprobs],
+        text_offset=offsets)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -82,13 +84,14 @@ async def _stream(request: web.Request, req: s.CompletionRequest, model: str, pr
     cid = f"cmpl-{request_id}"
     offsets: dict[int, int] = {}
 
-    def events_of(index: int, out: p.Output) -> list[bytes]:
-        choices = []
+    def events_of(index: int, out: p.Output) -> list[bytes]:  # one choice per chunk, as OpenAI and vLLM send
+        events = []
         for c in out.choices:
             k = index * n + c.index
-            choices.append(s.CompletionChoice(k, c.text, _logprobs(c, offsets.get(k, 0)), finish(c.finish_reason)))
+            choice = s.CompletionChoice(k, c.text, _logprobs(c, offsets.get(k, 0)), finish(c.finish_reason))
             offsets[k] = offsets.get(k, 0) + len(c.text)
-        return [sse(encode(s.Completion(id=cid, created=created, model=model, choices=choices)))] if choices else []
+            events.append(sse(encode(s.Completion(id=cid, created=created, model=model, choices=[choice]))))
+        return events
 
     def usage_event(usage: s.Usage) -> bytes:
         return sse(encode(s.Completion(id=cid, created=created, model=model, choices=[], usage=usage)))

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from aiohttp import web
 
 from service.gateway import schemas as s
+from service.gateway.chat import chat_messages
 from service.gateway.common import ENGINE_ERRORS, check_model, decode_body, encode, engine_error
 from service.gateway.errors import ApiError
 from service.gateway.keys import CLIENT, CONFIG, DRAINING, HEALTH, STARTED
@@ -77,9 +78,10 @@ async def tokenize(request: web.Request) -> web.Response:
     check_model(request, req.model)
     if (req.prompt is None) == (req.messages is None):
         raise ApiError(400, "Give exactly one of prompt and messages", "prompt")
-    chat = None if req.messages is None else [p.ChatMessage(m.role, m.content) for m in req.messages]
+    chat = None if req.messages is None else chat_messages(req.messages)
     try:
-        result = await request.app[CLIENT].tokenize(req.prompt, chat, req.add_special_tokens, TOKENIZE_TIMEOUT_S)
+        result = await request.app[CLIENT].tokenize(req.prompt, chat, req.add_special_tokens, TOKENIZE_TIMEOUT_S,
+                                                    add_generation_prompt=req.add_generation_prompt)
     except (*ENGINE_ERRORS, TimeoutError) as exc:
         raise engine_error(exc) from None
     return _json(s.TokenizeResponse(result.tokens, len(result.tokens), request.app[CONFIG].max_model_len))

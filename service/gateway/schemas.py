@@ -69,14 +69,27 @@ class CompletionRequest(SamplingFields, kw_only=True):
     suffix: Annotated[str, Meta(max_length=0)] | None = None
 
 
+class ContentPart(msgspec.Struct, kw_only=True):
+    """One part of a message's content, as the official clients send it. Only text parts
+    can be served (others get a 400 naming them); their other fields are not read."""
+
+    type: Annotated[str, Meta(max_length=64)]
+    text: Annotated[str, Meta(max_length=1 << 20)] | None = None
+
+
 class ChatMessageIn(msgspec.Struct, forbid_unknown_fields=True):
     role: Literal["system", "user", "assistant"]
-    content: Annotated[str, Meta(max_length=1 << 20)]
+    content: Annotated[str, Meta(max_length=1 << 20)] | Annotated[list[ContentPart], Meta(max_length=256)]
     name: Annotated[str, Meta(max_length=64)] | None = None
+
+
+class ResponseFormat(msgspec.Struct, forbid_unknown_fields=True):
+    type: Literal["text"]  # the default; json_object and json_schema are not served (yet): a 400 naming them
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
     messages: Annotated[list[ChatMessageIn], Meta(min_length=1, max_length=MAX_MESSAGES)]
+    response_format: ResponseFormat | None = None
     max_completion_tokens: Annotated[int, Meta(ge=1, le=MAX_TOKENS_CAP)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
@@ -198,6 +211,7 @@ class TokenizeRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     prompt: Annotated[str, Meta(max_length=1 << 20)] | None = None
     messages: Annotated[list[ChatMessageIn], Meta(min_length=1, max_length=MAX_MESSAGES)] | None = None
     add_special_tokens: bool = True
+    add_generation_prompt: bool = True  # vLLM's field: with messages, end with the assistant's turn opening
 
 
 class TokenizeResponse(msgspec.Struct):

@@ -123,7 +123,8 @@ def test_completion_logprobs_one_entry_per_token(client: openai.OpenAI) -> None:
     lp = result.choices[0].logprobs
     assert lp is not None
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5  # type: ignore[arg-type]
-    assert all(len(t) == 2 for t in lp.top_logprobs)  # type: ignore[union-attr]
+    # the top 2, and the sampled token always among them (a third entry when it was not)
+    assert all(2 <= len(t) <= 3 and tok in t for t, tok in zip(lp.top_logprobs, lp.tokens))  # type: ignore[arg-type]
     assert "".join(lp.tokens).replace("\ufffd", "") == result.choices[0].text.replace("\ufffd", "")  # type: ignore[arg-type]
     assert lp.text_offset[0] == 0  # type: ignore[index]
 
@@ -197,12 +198,79 @@ def test_caps_and_unsupported_parameters_are_named(base_url: str, body: dict, pa
 
 @pytest.mark.parametrize(("body", "param"), [
     ({"tools": [{"type": "function"}]}, "tools"), ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_object"}}, "response_format.type"),
 ])
 def test_chat_unsupported_parameters_are_named(base_url: str, body: dict, param: str) -> None:
     status, err = post_json(base_url, "/v1/chat/completions", {"messages": MESSAGES, **body})
     assert status == 400, err
     assert err["error"]["param"] == param
+
+
+def test_completion_logprobs_zero_gives_the_sampled_token_alone(client: openai.OpenAI) -> None:
+    result = client.completions.create(model="phi-3-mini", prompt="Hello", max_tokens=4, logprobs=0, extra_body=NO_EOS)
+    lp = result.choices[0].logprobs
+    assert lp is not None and lp.top_logprobs is not None and lp.tokens is not None
+    assert [list(t) for t in lp.top_logprobs] == [[tok] for tok in lp.tokens]
+    assert [t[tok] for t, tok in zip(lp.top_logprobs, lp.tokens)] == lp.token_logprobs
+
+
+def test_streams_send_one_choice_per_chunk(client: openai.OpenAI) -> None:
+    """Clients read chunk.choices[0]: with n > 1 each chunk carries one choice (OpenAI, vLLM)."""
+    texts: dict[int, str] = {}
+    finished: dict[int, str | None] = {}
+    for chunk in client.completions.create(model="phi-3-mini", prompt="Hi", max_tokens=6, n=3, stream=True,
+                                           extra_body=NO_EOS):
+        assert len(chunk.choices) == 1
+        choice = chunk.choices[0]
+        texts[choice.index] = texts.get(choice.index, "") + choice.text
+        finished[choice.index] = choice.finish_reason or finished.get(choice.index)
+    assert set(texts) == {0, 1, 2} and all(finished[i] == "length" for i in range(3))
+
+    roles, finishes = set(), {}
+    for chunk in client.chat.completions.create(model="phi-3-mini", messages=MESSAGES, max_tokens=6, n=2,  # type: ignore[arg-type]
+                                                stream=True, extra_body=NO_EOS):
+        assert len(chunk.choices) == 1
+        choice = chunk.choices[0]
+        if choice.delta.role:
+            roles.add(choice.index)
+        if choice.finish_reason:
+            finishes[choice.index] = choice.finish_reason
+    assert roles == {0, 1} and finishes == {0: "length", 1: "length"}
+
+
+def test_chat_content_as_text_parts(client: openai.OpenAI, base_url: str) -> None:
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Say"}, {"type": "text", "text": "hello."}]}]
+    answer = client.chat.completions.create(model="phi-3-mini", messages=parts, max_tokens=3,  # type: ignore[arg-type]
+                                            extra_body=NO_EOS)
+    assert answer.choices[0].finish_reason == "length"
+    _, joined = post_json(base_url, "/tokenize", {"messages": [{"role": "user", "content": "Say\nhello."}]})
+    _, from_parts = post_json(base_url, "/tokenize", {"messages": parts})
+    assert from_parts["tokens"] == joined["tokens"]  # text parts joined with a newline, as vLLM does
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]
+    status, err = post_json(base_url, "/v1/chat/completions", {"messages": image})
+    assert status == 400 and err["error"]["param"] == "messages[0].content[0].type"
+    assert "image_url" in err["error"]["message"]
+
+
+def test_response_format_text_is_the_default(client: openai.OpenAI) -> None:
+    answer = client.chat.completions.create(model="phi-3-mini", messages=MESSAGES, max_tokens=2,  # type: ignore[arg-type]
+                                            response_format={"type": "text"}, extra_body=NO_EOS)
+    assert answer.choices[0].finish_reason == "length"
+
+
+def test_tokenize_add_generation_prompt(base_url: str) -> None:
+    _, opened = post_json(base_url, "/tokenize", {"messages": MESSAGES})
+    _, closed = post_json(base_url, "/tokenize", {"messages": MESSAGES, "add_generation_prompt": False})
+    # the same conversation; Phi-3's template ends it with the end-of-text token instead of the
+    # opening of the assistant's turn
+    assert opened["tokens"][: len(closed["tokens"]) - 1] == closed["tokens"][:-1]
+    assert opened["tokens"] != closed["tokens"]
+
+
+def test_token_ids_out_of_vocabulary_name_the_vocabulary_size(base_url: str) -> None:
+    status, err = post_json(base_url, "/v1/completions", {"prompt": [1, 10**9], "max_tokens": 1})
+    assert status == 400 and err["error"]["param"] == "prompt"
+    assert "out of vocabulary" in err["error"]["message"] and "vocabulary size is" in err["error"]["message"]
 
 
 # ------------------------------------------------------------------ tokenizer, models, version, OpenAPI

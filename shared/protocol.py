@@ -131,8 +131,8 @@ class TopLogprob(msgspec.Struct, array_like=True, gc=False):
 
 
 class TokenLogprob(msgspec.Struct, array_like=True, gc=False):
-    token: str  # the sampled token's text
-    logprob: float
+    token: str  # the sampled token's text (or the prompt's, when echoed)
+    logprob: float | None  # None only for the first token of an echoed prompt
     top: list[TopLogprob] = []  # the most likely tokens at this position, best first
 
 

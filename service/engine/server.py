@@ -160,6 +160,20 @@ class EngineServer:
             self._check_vocabulary(ids, "prompt")
         return self._fit(ids)
 
+    def _prompt_logprobs(self, ids: list[int], positions: Any, k: int | None) -> list[p.TokenLogprob]:
+        """The echoed prompt's tokens with their log-probabilities (vLLM's prompt_logprobs: the
+        first token has none), as OpenAI's legacy completions list them before the answer's."""
+        result = [p.TokenLogprob(self.tokenizer.decode(ids[:1]), None, [])]
+        for token_id, position in zip(ids[1:], (positions or [])[1:]):
+            entry = position.get(token_id) if position else None
+            if entry is None:
+                result.append(p.TokenLogprob(self.tokenizer.decode([token_id]), None, []))
+                continue
+            ranked = sorted(position.values(), key=lambda lp: lp.rank or 0)
+            result.append(p.TokenLogprob(entry.decoded_token or "", entry.logprob,
+                                         [p.TopLogprob(lp.decoded_token or "", lp.logprob) for lp in ranked[: k or 0]]))
+        return result
+
     def _check_vocabulary(self, ids: list[int], param: str) -> None:
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
@@ -177,7 +191,7 @@ class EngineServer:
             )
         return ids
 
-    def _sampling(self, spec: p.SamplingSpec, prompt_len: int, stream: bool) -> Any:
+    def _sampling(self, spec: p.SamplingSpec, prompt_len: int, stream: bool, echo: bool = False) -> Any:
         room = self.max_model_len - prompt_len
         max_tokens = room if spec.max_tokens is None else spec.max_tokens
         if max_tokens > room:
@@ -189,13 +203,16 @@ class EngineServer:
         for name, token_ids in (("logit_bias", [t for t, _ in spec.logit_bias]), ("stop_token_ids", spec.stop_token_ids)):
             self._check_vocabulary(token_ids, name)
         try:
-            return self._sampling_params(spec, max_tokens, stream)
+            # echo with logprobs: the prompt's own log-probabilities too (evaluation harnesses score them)
+            return self._sampling_params(spec, max_tokens, stream, spec.logprobs if echo else None)
         except ValueError as exc:  # vLLM's checks of the parameters themselves: the client's error
             raise RequestError(str(exc)) from None
 
-    def _sampling_params(self, spec: p.SamplingSpec, max_tokens: int, stream: bool) -> Any:
+    def _sampling_params(self, spec: p.SamplingSpec, max_tokens: int, stream: bool,
+                         prompt_logprobs: int | None = None) -> Any:
         return self._SamplingParams(
             n=spec.n,
+            prompt_logprobs=prompt_logprobs,
             min_p=spec.min_p,
             logprobs=spec.logprobs,
             logit_bias=dict(spec.logit_bias) or None,
@@ -229,14 +246,12 @@ class EngineServer:
                 ids = self._fit(await self._chat_ids(msg.chat), "messages")
             else:
                 ids = await self._prompt_ids(msg.prompt)
-            params = self._sampling(msg.params, len(ids), msg.stream)
+            want_logprobs = msg.params.logprobs is not None
+            params = self._sampling(msg.params, len(ids), msg.stream, echo=msg.echo and want_logprobs)
             echo = ""
             if msg.echo:
                 echo = msg.prompt if isinstance(msg.prompt, str) else await self._decode(ids)
-                if msg.stream:
-                    conn.send(p.Output(rid, [p.Choice(i, echo, 0) for i in range(msg.params.n)]))
-                    echo = ""
-            want_logprobs = msg.params.logprobs is not None
+            echo_logprobs: list[p.TokenLogprob] | None = None
             n = msg.params.n
             ticket = await self.admission.admit(n, max(len(ids), n), arrived, counted=not msg.probe)
             prompt = self._TokensPrompt(prompt_token_ids=ids)
@@ -244,10 +259,15 @@ class EngineServer:
             finish = _FINISH
             generated = 0
             async for out in self.engine.generate(prompt, params, request_id):
+                if echo and want_logprobs and echo_logprobs is None:  # they come with the first output
+                    echo_logprobs = self._prompt_logprobs(ids, out.prompt_logprobs, msg.params.logprobs)
+                if echo and msg.stream:  # the prompt first, once, for every choice
+                    conn.send(p.Output(rid, [p.Choice(i, echo, 0, None, echo_logprobs) for i in range(n)]))
+                    echo, echo_logprobs = "", []
                 choices = [
                     p.Choice(c.index, echo + c.text if echo else c.text, len(c.token_ids),
                              finish.get(c.finish_reason),  # type: ignore[arg-type]
-                             _logprobs(c, msg.params.logprobs) if want_logprobs else None)
+                             (echo_logprobs or []) + _logprobs(c, msg.params.logprobs) if want_logprobs else None)
                     for c in out.outputs
                 ]
                 generated += sum(ch.tokens for ch in choices)

@@ -49,7 +49,9 @@ def _logprobs(choice: p.Choice, offset: int) -> s.CompletionLogprobs | None:
     return s.CompletionLogprobs(
         tokens=tokens, token_logprobs=[lp.logprob for lp in choice.logprobs],
         # the sampled token is always among them (OpenAI's legacy completions, and vLLM): "logprobs": 0 gives it alone
-        top_logprobs=[{**{t.token: t.logprob for t in lp.top}, lp.token: lp.logprob} for lp in choice.logprobs],
+        # (None for an echoed prompt's first token, which has no log-probability)
+        top_logprobs=[None if lp.logprob is None else {**{t.token: t.logprob for t in lp.top}, lp.token: lp.logprob}
+                      for lp in choice.logprobs],
         text_offset=offsets)
 
 

@@ -214,6 +214,33 @@ def test_completion_logprobs_zero_gives_the_sampled_token_alone(client: openai.O
     assert [t[tok] for t, tok in zip(lp.top_logprobs, lp.tokens)] == lp.token_logprobs
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_generation_does(base_url: str) -> None:
+    """What evaluation harnesses send (lm-eval's local-completions: echo, logprobs 1,
+    max_tokens 1) gets the prompt's tokens first, the first with no log-probability, and each
+    prompt token's log-probability is the one generation gives that token after the same prefix."""
+    prefix = [100, 200, 300, 400]
+    status, first = post_json(base_url, "/v1/completions", {"prompt": prefix, "max_tokens": 1, "temperature": 0,
+                                                             "logprobs": 1, "ignore_eos": True})
+    assert status == 200, first
+    generated = first["choices"][0]["logprobs"]["token_logprobs"][0]
+    status, next_id = post_json(base_url, "/tokenize", {"prompt": first["choices"][0]["text"],
+                                                         "add_special_tokens": False})
+    assert status == 200 and len(next_id["tokens"]) == 1, next_id
+    prompt = prefix + next_id["tokens"]
+    status, scored = post_json(base_url, "/v1/completions", {"prompt": prompt, "max_tokens": 1, "echo": True,
+                                                              "logprobs": 1, "temperature": 0, "ignore_eos": True})
+    assert status == 200, scored
+    choice = scored["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(prompt) + 1
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(x is not None and x <= 0 for x in lp["token_logprobs"][1:])
+    assert abs(lp["token_logprobs"][len(prefix)] - generated) < 1e-3  # scored as it was generated
+    # offsets index the returned text, which begins with the echoed prompt
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    assert all(choice["text"][o:o + len(t)] == t for o, t in zip(lp["text_offset"], lp["tokens"]))
+
+
 def test_streams_send_one_choice_per_chunk(client: openai.OpenAI) -> None:
     """Clients read chunk.choices[0]: with n > 1 each chunk carries one choice (OpenAI, vLLM)."""
     texts: dict[int, str] = {}

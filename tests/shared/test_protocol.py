@@ -13,16 +13,36 @@ from shared.framing import MAX_FRAME_BYTES, FrameConnection, FrameEncoder
 GATEWAY_MESSAGES: list[p.GatewayMessage] = [
     p.Hello(p.PROTOCOL_VERSION, "gateway"),
     p.Generate(7, "hello", p.SamplingSpec(max_tokens=5, n=2, stop=["x"], seed=3), stream=True, request_id="r"),
-    p.Generate(8, [1, 2, 3], p.SamplingSpec()),
+    p.Generate(8, [1, 2, 3], p.SamplingSpec(), chat=[p.ChatMessage("user", "hi")], echo=True, probe=True),
     p.Abort(7),
+    p.GetStats(9, 2.5),
+    p.Tokenize(10, None, [p.ChatMessage("system", "s"), p.ChatMessage("user", "u")], False, False),
+    p.Detokenize(11, [1, 2]),
+    p.SetLimits(12, 8, 256, "test"),
 ]
 WORKER_MESSAGES: list[p.WorkerMessage] = [
     p.Welcome(p.PROTOCOL_VERSION, "m", "/x", ["a", "b"], 2048, "float32", True, 1.5, 42),
     p.HandshakeRefused("no"),
     p.Output(7, [p.Choice(0, "hi", 1), p.Choice(1, "", 0, p.FinishReason.LENGTH)], True, 5),
     p.Output(8, []),
+    p.Output(9, [p.Choice(0, "ab", 2, p.FinishReason.STOP, [p.TokenLogprob("a", None, []),
+                                                            p.TokenLogprob("b", -0.5, [p.TopLogprob("b", -0.5)])])],
+             True, 3, 0.01, 0.02),
     p.Failure(7, 400, "bad", "max_tokens", "c"),
+    p.Failure(8, 429, "busy", None, "overloaded", 1.5),
+    p.EngineStats(1, 2, 3, 0.5, 16, 512, 4, 10, 20, 5, [99], 0.1, queued=2, refused_total={"queue_full": 1},
+                  window_requests=3, e2e_p95_s=0.2),
+    p.LimitsSet(2, 8, 256, 16, 512),
+    p.TokenizeResult(3, [1, 2], "x"),
 ]
+
+
+def test_every_message_type_is_covered() -> None:
+    """A message type added to the protocol without a case here fails this test."""
+    import typing
+
+    assert {type(m) for m in GATEWAY_MESSAGES} == set(typing.get_args(p.GatewayMessage))
+    assert {type(m) for m in WORKER_MESSAGES} == set(typing.get_args(p.WorkerMessage))
 
 
 @pytest.mark.parametrize("msg", GATEWAY_MESSAGES, ids=lambda m: type(m).__name__)

@@ -53,6 +53,10 @@ class Phi3MiniConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     demo_model_dir: str = "~/.cache/citadel-llm/demo-phi3"  # used when model_path holds no weights
     max_model_len: Positive = 2048
     tensor_parallel_size: Positive = 1
+    pipeline_parallel_size: Positive = 1  # layers split over this many GPUs or nodes (vLLM's)
+    # vLLM's executor for tensor/pipeline parallelism: "" = vLLM's choice ("mp" on one node,
+    # "ray" across nodes); "uni" keeps everything in one process
+    distributed_executor_backend: Literal["", "mp", "ray", "uni", "external_launcher"] = ""
     gpu_memory_utilization: Fraction = 0.6  # GPU hosts only; on CPU the KV cache is sized from memory_gb
     dtype: Dtype = "auto"  # "auto": float32 on a CPU host (bfloat16 is not safe on every CPU), else the model's
     seed: NonNegative = 0
@@ -115,7 +119,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
                 "max_queue", "api_key", "rate_limit_rps", "stop_timeout_s"),
     "model": (
         "model_path", "model_name", "served_model_name", "demo_model_dir", "max_model_len",
-        "tensor_parallel_size", "gpu_memory_utilization", "dtype", "seed",
+        "tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend",
+        "gpu_memory_utilization", "dtype", "seed",
     ),
     "efficiency": (
         "efficiency_mode", "memory_gb", "cpu_cores", "max_throughput_rps",

@@ -25,12 +25,13 @@ $(DEMO_MODEL)/config.json: | $(VENV)/.installed
 demo-model: $(DEMO_MODEL)/config.json
 
 # Debian tools the tests drive: ab (apache2-utils) for load, promtool (prometheus) for /metrics,
-# systemd-analyze (systemd) for the units. Only what is missing is installed.
+# systemd-analyze (systemd) for the units, nginx for the fleet tests. Only what is missing is installed.
 tools:
 	@missing=""; \
 	command -v ab >/dev/null || missing="$$missing apache2-utils"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	command -v nginx >/dev/null || missing="$$missing nginx"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \

@@ -214,7 +214,36 @@ def _build(values: dict[str, tuple[Any, str]]) -> Phi3MiniConfig:
             name, config.max_num_batched_tokens, f"must be >= max_num_seqs ({config.max_num_seqs})",
             values.get(name, (None, ""))[1],
         )
+    _check_against_model(config, values.get("max_model_len", (None, ""))[1])
     return config
+
+
+def model_config_file(config: Phi3MiniConfig) -> Path | None:
+    """The config.json of the model the engine will load: the configured weights, else the
+    demo model once it has been made; None before either exists."""
+    for folder in (config.model_path, config.demo_model_dir):
+        path = Path(folder).expanduser() / "config.json"
+        if path.is_file():
+            return path
+    return None
+
+
+def _check_against_model(config: Phi3MiniConfig, source: str) -> None:
+    """What vLLM would refuse at load time about the model, refused here instead, so that
+    `config show` and every process agree before an engine starts (and exits 2 for it)."""
+    import json
+
+    path = model_config_file(config)
+    if path is None:
+        return
+    try:
+        limit = json.loads(path.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return  # an unreadable model is the model check's to report (model verify, engine start)
+    if isinstance(limit, int) and config.max_model_len > limit:
+        raise ConfigError("max_model_len", config.max_model_len,
+                          f"the model at {path.parent} supports at most {limit} tokens "
+                          "(its max_position_embeddings)", source)
 
 
 _FIELD_TYPES: dict[str, Any] = typing.get_type_hints(Phi3MiniConfig, include_extras=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.config import ConfigError, Phi3MiniConfig
+from shared.config import Phi3MiniConfig
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -135,8 +135,6 @@ def engine_args(config: Phi3MiniConfig, model: ModelChoice, cpu: bool) -> Any:
     dtype = resolve_dtype(config, cpu)
     if cpu and dtype == "bfloat16":
         log.warning("bfloat16 on a CPU host may crash with SIGILL; float32 is the safe choice")
-    if config.max_model_len > 4096:
-        raise ConfigError("max_model_len", config.max_model_len, "Phi-3-mini-4k supports at most 4096")
     kwargs: dict[str, Any] = dict(
         model=str(model.path),
         tokenizer=str(model.path),

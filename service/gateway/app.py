@@ -59,6 +59,19 @@ def create_metrics_app(main: web.Application) -> web.Application:
     return app
 
 
+async def metrics_server(app: web.Application) -> AsyncIterator[None]:
+    """The monitoring port, a resource of the main app: up before it serves, and still up
+    through the drain (operators watch a stop on it), closed after the last handler."""
+    config = app[CONFIG]
+    runner = web.AppRunner(create_metrics_app(app), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.metrics_host, config.metrics_port, reuse_address=True).start()
+        yield
+    finally:
+        await runner.cleanup()
+
+
 async def _engine_client(app: web.Application) -> AsyncIterator[None]:
     client = app[CLIENT]
     await client.start()
@@ -92,6 +105,7 @@ async def _serve(config: Phi3MiniConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     app = create_app(config)
+    app.cleanup_ctx.append(metrics_server)  # not in create_app: its tests bind no port
     gc.collect()
     gc.freeze()  # start-up objects live as long as the process: keep them out of collections
     runner = GatewayRunner(app, head_timeout_s=config.client_timeout_s, handler_cancellation=True, access_log=None,
@@ -99,9 +113,6 @@ async def _serve(config: Phi3MiniConfig) -> int:
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_address=True)
     await site.start()
-    metrics_runner = web.AppRunner(create_metrics_app(app), access_log=None)
-    await metrics_runner.setup()
-    await web.TCPSite(metrics_runner, config.metrics_host, config.metrics_port, reuse_address=True).start()
     log.info("gateway listening", host=config.host, port=config.port, metrics_port=config.metrics_port,
              engine_socket=str(config.engine_socket_path()))
     ready = loop.create_task(_notify_when_ready(app[CLIENT]), name="systemd-notify")
@@ -121,7 +132,6 @@ async def _serve(config: Phi3MiniConfig) -> int:
     finally:
         ready.cancel()
         await asyncio.gather(ready, return_exceptions=True)
-        await runner.cleanup()  # stops accepting, waits for handlers (bounded), closes the client
-        await metrics_runner.cleanup()
+        await runner.cleanup()  # stops accepting, waits for handlers (bounded), then the cleanup_ctx
     log.info("gateway stopped")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -159,3 +160,17 @@ def test_rate_limit_rps_is_off_by_default_and_set_by_environment() -> None:
     assert load_config(DEFAULT_CONFIG_FILE, environ={"PHI_3_MINI_RATE_LIMIT_RPS": "50"}).rate_limit_rps == 50
     with pytest.raises(ConfigError, match="rate_limit_rps"):
         load_config(DEFAULT_CONFIG_FILE, environ={"PHI_3_MINI_RATE_LIMIT_RPS": "-1"})
+
+
+def test_max_model_len_beyond_the_model_is_refused_by_config_show(tmp_path: Path) -> None:
+    """What vLLM would refuse at load time is refused when the configuration is read: by
+    `config show`, and so by every process before an engine starts."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"max_position_embeddings": 4096}))
+    env = {"PHI_3_MINI_MODEL_PATH": str(model)}
+    assert _cli("config", "show", env={**env, "PHI_3_MINI_MAX_MODEL_LEN": "4096"}).returncode == 0
+    result = _cli("config", "show", env={**env, "PHI_3_MINI_MAX_MODEL_LEN": "4097"})
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "max_model_len=4097" in line and "at most 4096" in line and "PHI_3_MINI_MAX_MODEL_LEN" in line

@@ -8,7 +8,8 @@ engine's admission refuses what would wait too long.
 
 AIMD with hysteresis, one decision per sample:
 - decrease (×0.7, at least 1) when memory is at 90 % of its limit or memory pressure
-  stalls tasks, or when the p95 time in vLLM is over 80 % of `target_latency_ms`; a
+  stalls tasks while requests run and the load's own share of the memory (above the last
+  idle sample) is worth freeing, or when the p95 time in vLLM is over 80 % of `target_latency_ms`; a
   latency decrease keeps the sequences that `max_throughput_rps` needs (Little's law:
   the rate times the mean time a request spends in vLLM), so trimming for latency never
   takes the service below the throughput it is sized for (memory is not floored: it is hard);
@@ -21,6 +22,13 @@ The token budget moves with `max_num_seqs` in proportion to the ceilings, never 
 quarter of its ceiling (a long prompt would otherwise wait for the engine to empty).
 Never below 1, never above the ceilings. With `efficiency_mode` false it decides nothing
 and only observes.
+
+Memory the limits cannot free is left alone: the weights, the preallocated KV cache and the
+runtime are there at idle too (the idle footprint), and fewer sequences free none of it. At
+idle the limits are restored whatever the memory; under load only memory above the idle
+footprint counts as the load's, and a decrease needs it to be at least `LOAD_MEMORY_SHARE`
+of the limit. Over the limit at idle is a sizing error (memory_gb below what the model
+needs), reported in the reason, not a reason to cripple the batch.
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ class EfficiencyManager:
     HEADROOM = 0.8  # of the memory limit: room to grow below it
     MEMORY_HIGH = 0.9  # of the memory limit: shrink above it
     PRESSURE_STALL = 10.0  # % (PSI some avg10): shrink above it
+    LOAD_MEMORY_SHARE = 0.05  # of the memory limit: load-made memory worth shrinking the batch for
     COOLDOWN = 2  # samples without an increase (or another decrease) after a decrease
     MIN_REQUESTS = 3  # finished requests in the window before latency is judged
     HISTORY = 50  # decisions kept
@@ -74,6 +83,7 @@ class EfficiencyManager:
         self.limits = (self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.ceilings = self.limits
         self._cooldown = 0
+        self._idle_memory_mb: float | None = None  # the footprint at the last idle sample
 
     # ---------------------------------------------------------------- the policy
     def decide(self, obs: Observation, now: float | None = None) -> Decision:
@@ -91,13 +101,16 @@ class EfficiencyManager:
                                              f"{obs.refused} refused" if obs.refused else "") if part)
         cooling = self._cooldown > 0
         self._cooldown = max(0, self._cooldown - 1)
+        idle = obs.in_flight == 0 and obs.queued == 0
+        if idle:
+            self._idle_memory_mb = obs.memory_used_mb
+        memory_issue = self._memory_issue(obs, memory)
         action, reason, new = "hold", "within the band", seqs
+        for_memory = False
         if not self.config.efficiency_mode:
             reason = "efficiency_mode is off: observing only"
-        elif memory >= self.MEMORY_HIGH:
-            action, reason = "decrease", f"memory at {memory:.0%} of its limit"
-        elif (obs.memory_pressure or 0.0) >= self.PRESSURE_STALL:
-            action, reason = "decrease", f"memory pressure: tasks stalled {obs.memory_pressure:.1f} % of the time"
+        elif memory_issue and not idle and self._load_memory_mb(obs) >= self.LOAD_MEMORY_SHARE * obs.memory_limit_mb:
+            action, reason, for_memory = "decrease", memory_issue, True
         elif judged and obs.service_p95_s > self.SERVICE_SHARE * self.target_s and not cooling:
             action, reason = "decrease", (f"p95 time in the engine {obs.service_p95_s * 1000:.0f} ms over "
                                           f"{self.SERVICE_SHARE:.0%} of the {self.config.target_latency_ms:g} ms target")
@@ -114,9 +127,14 @@ class EfficiencyManager:
                                           "has headroom" if judged else demand)
         elif obs.in_flight == 0 and not obs.refused and seqs < ceil_seqs:
             action, reason = "increase", "quiet: restoring the limits toward the ceilings"
+        if action == "hold" and memory_issue and self.config.efficiency_mode:
+            note = (f"{memory_issue} while idle: memory_gb is below this model's footprint" if idle else
+                    f"{memory_issue}, but only {self._load_memory_mb(obs):.0f} MB of it comes with the "
+                    "load: the rest is the idle footprint, which fewer sequences do not free")
+            reason = note if reason == "within the band" else f"{reason}; {note}"
         if action == "decrease":
             new = max(1, min(seqs - 1, math.floor(seqs * self.DECREASE)))
-            if reason.startswith("p95"):
+            if not for_memory:  # a latency decrease: floored by max_throughput_rps (memory is not)
                 new = max(new, self.throughput_floor(obs))
             self._cooldown = self.COOLDOWN
         elif action == "increase":
@@ -130,6 +148,18 @@ class EfficiencyManager:
         if action != "hold":
             self.decisions.append(decision)
         return decision
+
+    def _memory_issue(self, obs: Observation, memory: float) -> str:
+        if memory >= self.MEMORY_HIGH:
+            return f"memory at {memory:.0%} of its limit"
+        if (obs.memory_pressure or 0.0) >= self.PRESSURE_STALL:
+            return f"memory pressure: tasks stalled {obs.memory_pressure:.1f} % of the time"
+        return ""
+
+    def _load_memory_mb(self, obs: Observation) -> float:
+        """Memory above the last idle sample: what the running requests hold (all of it
+        before an idle sample has been seen, which errs toward freeing)."""
+        return obs.memory_used_mb - (self._idle_memory_mb or 0.0)
 
     def throughput_floor(self, obs: Observation) -> int:
         """The sequences that serve `max_throughput_rps` at the current mean time in vLLM."""

@@ -129,3 +129,33 @@ def test_status_says_max_throughput_rps_is_not_a_cap() -> None:
     status = EfficiencyManager(CONFIG).get_optimization_status()
     assert "keeps the sequences" in status["max_throughput_rps"]["effect"]
     assert status["rate_limit_rps"] == {"value": 0.0, "effect": "off: no hard cap"}
+
+
+def test_memory_the_limits_cannot_free_does_not_cripple_the_batch() -> None:
+    """A model whose idle footprint (weights, preallocated KV cache, runtime) is over the limit:
+    at idle the limits stay at (or go back to) the ceilings, and under load only memory that
+    came with the load is a reason to shrink."""
+    manager = EfficiencyManager(CONFIG)
+    over = 4300.0  # 105 % of 4096 MB, with nothing running
+    d = manager.decide(obs(seqs=8, in_flight=0, queued=0, memory_used_mb=over))
+    assert d.action == "increase" and d.max_num_seqs > 8  # restored, not driven to the floor
+    d = manager.decide(obs(seqs=32, in_flight=0, queued=0, memory_used_mb=over))
+    assert d.action == "hold" and "while idle" in d.reason and "below this model's footprint" in d.reason
+    d = manager.decide(obs(seqs=32, memory_used_mb=over + 50))  # load: +50 MB, under 5 % of the limit
+    assert d.action == "hold" and "50 MB of it comes with the load" in d.reason
+    d = manager.decide(obs(seqs=32, memory_used_mb=over + 300))  # load: +300 MB, worth freeing
+    assert d.action == "decrease" and d.max_num_seqs == 22 and "memory at" in d.reason
+
+
+def test_a_latency_breach_still_decreases_over_a_static_memory_footprint() -> None:
+    manager = EfficiencyManager(CONFIG)
+    manager.decide(obs(in_flight=0, queued=0, memory_used_mb=3900))
+    d = manager.decide(obs(memory_used_mb=3910, service_p95_s=0.9))
+    assert d.action == "decrease" and "p95 time in the engine" in d.reason
+
+
+def test_a_latency_decrease_over_a_static_footprint_keeps_the_throughput_floor() -> None:
+    manager = EfficiencyManager(CONFIG)
+    manager.decide(obs(in_flight=0, queued=0, memory_used_mb=3900))
+    d = manager.decide(obs(seqs=20, memory_used_mb=3910, service_p95_s=0.9, mean_service_s=0.3))
+    assert d.action == "hold" and "max_throughput_rps" in d.reason  # 100 req/s × 0.3 s needs 30 > 20

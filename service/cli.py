@@ -26,13 +26,18 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--config", help="YAML configuration file (default: $PHI_3_MINI_CONFIG)")
     demo = sub.add_parser("demo-model", help="write the small random-weight Phi-3 demo model")
     demo.add_argument("dir")
-    model = sub.add_parser("model", help="model files: download and verify")
+    model = sub.add_parser("model", help="model files: download, verify, import a GGUF file")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     for name, help_text in (("download", "fetch model_name into model_path and write model.sha256"),
                             ("verify", "check the model folder against its model.sha256")):
         cmd = model_sub.add_parser(name, help=help_text)
         cmd.add_argument("--config", help="YAML configuration file")
         cmd.add_argument("--dir", help="the model folder (default: model_path)")
+    gguf = model_sub.add_parser("import-gguf", help="convert a GGUF file (llama.cpp, Ollama) to a model folder vLLM serves")
+    gguf.add_argument("file", help="the .gguf file")
+    gguf.add_argument("dir", help="the new model folder (written beside it, then renamed)")
+    gguf.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                      help="dtype of the dequantized weights (default: float32, which every CPU runs)")
     config = sub.add_parser("config", help="configuration commands")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     show = config_sub.add_parser("show", help="print the configuration in force")
@@ -67,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(make_demo_model(args.dir))
         return 0
+    if args.command == "model" and args.model_command == "import-gguf":
+        return _import_gguf(args)
     if getattr(args, "config", None):
         os.environ["PHI_3_MINI_CONFIG"] = os.path.abspath(args.config)  # children inherit it
     try:
@@ -126,6 +133,18 @@ def _model_command(args: argparse.Namespace, config: object) -> int:
             print(f"FAILED {problem}", file=sys.stderr)
         return 1
     print(f"{model_dir}: OK")
+    return 0
+
+
+def _import_gguf(args: argparse.Namespace) -> int:
+    from service.gguf_import import GGUFImportError, import_gguf
+
+    try:
+        manifest = import_gguf(args.file, args.dir, args.dtype)
+    except GGUFImportError as exc:
+        print(f"citadel-llm: {exc}", file=sys.stderr)
+        return 2
+    print(f"imported {args.file} to {args.dir}; wrote {manifest}")
     return 0
 
 

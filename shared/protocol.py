@@ -13,7 +13,8 @@ import enum
 
 import msgspec
 
-PROTOCOL_VERSION = 5  # 2: GetStats/EngineStats; 3: chat, logprobs, echo, tokenize; 4: admission, SetLimits; 5: probe
+PROTOCOL_VERSION = 6  # 2: GetStats/EngineStats; 3: chat, logprobs, echo, tokenize; 4: admission, SetLimits; 5: probe;
+# 6: structured output (SamplingSpec.response_format), prompt_tokens on every Output
 
 
 class FinishReason(enum.IntEnum):
@@ -36,6 +37,12 @@ class Hello(_Msg, tag="hello"):
     client: str  # who connects: "gateway", "orchestrator", "test"
 
 
+class StructuredOutput(msgspec.Struct, array_like=True, gc=False):
+    """The answer's form (OpenAI's response_format), enforced by vLLM's structured outputs."""
+
+    json_schema: str | None  # JSON text of the schema the answer must satisfy; None: any JSON object
+
+
 class SamplingSpec(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """The sampling parameters the gateway validated, as vLLM's SamplingParams takes them."""
 
@@ -55,6 +62,7 @@ class SamplingSpec(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
     min_p: float = 0.0
     logprobs: int | None = None  # None: none; k: the sampled token's and the k most likely
     logit_bias: list[tuple[int, float]] = []  # (token id, bias added to its logit)
+    response_format: StructuredOutput | None = None  # None: free text
 
 
 class ChatMessage(msgspec.Struct, array_like=True, gc=False):
@@ -148,7 +156,7 @@ class Output(_Msg, tag="out"):
     rid: int
     choices: list[Choice]
     finished: bool = False  # the last message for this rid
-    prompt_tokens: int = 0  # set on the last message
+    prompt_tokens: int = 0  # the prompt's tokens (on every message; count them from the last)
     ttft_s: float = 0.0  # last message: engine arrival -> first token (0: unknown)
     decode_s: float = 0.0  # last message: first token -> last token
 

@@ -69,7 +69,7 @@ class EngineServer:
                  scheduler: SchedulerSnapshot | None = None) -> None:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         self.engine = engine
         self.welcome = welcome
@@ -87,6 +87,7 @@ class EngineServer:
         self._conn_ids = itertools.count(1)
         self._SamplingParams = SamplingParams
         self._TokensPrompt = TokensPrompt
+        self._StructuredOutputsParams = StructuredOutputsParams
         self._kinds = (RequestOutputKind.FINAL_ONLY, RequestOutputKind.DELTA)
 
     @property
@@ -229,7 +230,18 @@ class EngineServer:
             repetition_penalty=spec.repetition_penalty,
             min_tokens=spec.min_tokens,
             output_kind=self._kinds[stream],
+            structured_outputs=self._structured_outputs(spec.response_format),
         )
+
+    def _structured_outputs(self, fmt: p.StructuredOutput | None) -> Any:
+        """response_format as vLLM's own OpenAI server maps it: json_object, or json with the
+        schema (vLLM picks the backend, xgrammar first; its check of the schema runs when the
+        request is added, see _run)."""
+        if fmt is None:
+            return None
+        if fmt.json_schema is None:
+            return self._StructuredOutputsParams(json_object=True)
+        return self._StructuredOutputsParams(json=fmt.json_schema)
 
     async def _run(self, conn: EngineConnection, msg: p.Generate) -> None:
         bind_request_id(msg.request_id)  # this task's lines carry the client's request id
@@ -262,7 +274,8 @@ class EngineServer:
                 if echo and want_logprobs and echo_logprobs is None:  # they come with the first output
                     echo_logprobs = self._prompt_logprobs(ids, out.prompt_logprobs, msg.params.logprobs)
                 if echo and msg.stream:  # the prompt first, once, for every choice
-                    conn.send(p.Output(rid, [p.Choice(i, echo, 0, None, echo_logprobs) for i in range(n)]))
+                    conn.send(p.Output(rid, [p.Choice(i, echo, 0, None, echo_logprobs) for i in range(n)],
+                                       prompt_tokens=len(ids)))
                     echo, echo_logprobs = "", []
                 choices = [
                     p.Choice(c.index, echo + c.text if echo else c.text, len(c.token_ids),
@@ -290,12 +303,18 @@ class EngineServer:
                         log.debug("request finished", prompt_tokens=len(ids),
                                   generated_tokens=generated)
                     return
-                conn.send(p.Output(rid, choices))
+                conn.send(p.Output(rid, choices, prompt_tokens=len(ids)))  # for continuous usage stats
                 await conn.wait_writable(30.0)
         except asyncio.CancelledError:
             raise  # AsyncLLM.generate aborts the request inside the engine on cancel
         except Exception as exc:  # one bad request must not take the worker down
             failure = failure_for(rid, exc)
+            if failure.status == 400 and failure.param is None and ttft is None and msg.params.response_format:
+                # vLLM checks the structured-output constraint when the request is added (its other
+                # checks are made here first): the schema (or the format) is at fault
+                failure.param = (
+                    "response_format" if msg.params.response_format.json_schema is None
+                    else "response_format.json_schema.schema")
             if failure.status >= 500 and failure.code == "internal_error":
                 log.exception("request failed", rid=rid)  # a bug: its traceback
             elif failure.status < 500 and failure.status != 429:

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from service.gateway import schemas as s
 from service.gateway.common import (check_model, complete, decode_body, encode, finish, relay_stream, sampling_spec,
-                                    sse, stream)
+                                    sse, stream, usage_options)
 from service.gateway.errors import ApiError
 from service.gateway.keys import RECORD, REQUEST_ID
 from service.gateway.request_record import request_record
@@ -80,12 +80,24 @@ async def _stream(request: web.Request, req: s.ChatCompletionRequest, model: str
     def chunk(choices: list[s.ChatChunkChoice], usage: s.Usage | None = None) -> bytes:
         return sse(encode(s.ChatCompletionChunk(id=cid, created=created, model=model, choices=choices, usage=usage)))
 
-    def events_of(_: int, out: p.Output) -> list[bytes]:  # one choice per chunk, as OpenAI and vLLM send
-        return [chunk([s.ChatChunkChoice(c.index, s.ChatDelta(content=c.text), _logprobs(c), finish(c.finish_reason))])
-                for c in out.choices]
+    include_usage, continuous = usage_options(req)
+    tokens: dict[int, int] = {}  # per choice, so far
 
-    # OpenAI's first chunk of each choice carries its role.
-    opening = [chunk([s.ChatChunkChoice(i, s.ChatDelta(role="assistant", content=""))]) for i in range(params.n)]
-    include_usage = req.stream_options is not None and req.stream_options.include_usage
-    return await relay_stream(request, stream(request, [""], params, chat=chat), events_of, opening,
+    def events_of(_: int, out: p.Output) -> list[bytes]:  # one choice per chunk, as OpenAI and vLLM send
+        events = []
+        for c in out.choices:
+            usage = None
+            if c.index not in tokens:  # OpenAI's first chunk of each choice carries its role
+                tokens[c.index] = 0
+                if continuous:
+                    usage = s.Usage(out.prompt_tokens, 0, out.prompt_tokens)
+                events.append(chunk([s.ChatChunkChoice(c.index, s.ChatDelta(role="assistant", content=""))], usage))
+            tokens[c.index] += c.tokens
+            if continuous:
+                usage = s.Usage(out.prompt_tokens, tokens[c.index], out.prompt_tokens + tokens[c.index])
+            events.append(chunk([s.ChatChunkChoice(c.index, s.ChatDelta(content=c.text), _logprobs(c),
+                                                   finish(c.finish_reason))], usage))
+        return events
+
+    return await relay_stream(request, stream(request, [""], params, chat=chat), events_of,
                               (lambda usage: chunk([], usage)) if include_usage else None)

@@ -102,7 +102,31 @@ def sampling_spec(req: s.SamplingFields, max_tokens: int | None, logprobs: int |
         ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
         min_tokens=req.min_tokens, min_p=req.min_p, logprobs=logprobs, logit_bias=bias,
+        response_format=structured_output(req.response_format),
     )
+
+
+def usage_options(req: s.SamplingFields) -> tuple[bool, bool]:
+    """(a usage event before [DONE], usage on every chunk): vLLM's continuous_usage_stats
+    counts only with include_usage, as vLLM's server has it."""
+    opts = req.stream_options
+    include = opts is not None and opts.include_usage
+    return include, include and opts is not None and opts.continuous_usage_stats
+
+
+def structured_output(fmt: s.ResponseFormat | None) -> p.StructuredOutput | None:
+    """OpenAI's response_format as the engine's constraint; whether the schema compiles is
+    vLLM's to say (the engine worker's 400 names response_format.json_schema.schema)."""
+    match fmt:
+        case s.JsonObjectFormat():
+            return p.StructuredOutput(None)
+        case s.JsonSchemaFormat(json_schema=spec):
+            if spec.schema is None:
+                raise ApiError(400, "response_format.json_schema.schema is required: the JSON Schema the "
+                                    "answer must satisfy", "response_format.json_schema.schema")
+            return p.StructuredOutput(encode(spec.schema).decode())
+        case _:
+            return None
 
 
 async def complete(request: web.Request, prompts: Sequence[str | list[int]], params: p.SamplingSpec,
@@ -149,10 +173,10 @@ async def start_sse(request: web.Request, request_id: str) -> EventStream:
 
 
 async def relay_stream(request: web.Request, deltas: AsyncIterator[tuple[int, p.Output]],
-                       events_of: Callable[[int, p.Output], list[bytes]], opening: list[bytes],
+                       events_of: Callable[[int, p.Output], list[bytes]],
                        usage_event: Callable[[s.Usage], bytes] | None) -> web.StreamResponse:
     """The one stream loop of the generation routes: the engine's deltas out as server-sent
-    events (`events_of` renders a delta of prompt `index`; `opening` goes first), counted
+    events (`events_of` renders a delta of prompt `index`), counted
     for the log line and the metrics; an error before the first event is a plain JSON
     error, after it an error event; then the usage event if asked, and [DONE]."""
     events: EventStream | None = None
@@ -162,11 +186,9 @@ async def relay_stream(request: web.Request, deltas: AsyncIterator[tuple[int, p.
         async for index, out in deltas:
             if events is None:
                 events = await start_sse(request, request[REQUEST_ID])
-                for event in opening:
-                    await events.send(event)
             record.completion_tokens += sum(c.tokens for c in out.choices)
-            record.prompt_tokens += out.prompt_tokens
-            if out.finished:
+            if out.finished:  # every message carries the prompt's tokens: counted once, at the end
+                record.prompt_tokens += out.prompt_tokens
                 finals.append(out)
             for event in events_of(index, out):
                 await events.send(event)

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from service.gateway import schemas as s
 from service.gateway.common import (check_model, complete, decode_body, encode, finish, relay_stream, sampling_spec,
-                                    sse, stream)
+                                    sse, stream, usage_options)
 from service.gateway.errors import ApiError
 from service.gateway.keys import RECORD, REQUEST_ID
 from service.gateway.request_record import request_record
@@ -85,6 +85,8 @@ async def _stream(request: web.Request, req: s.CompletionRequest, model: str, pr
     created = int(time.time())
     cid = f"cmpl-{request_id}"
     offsets: dict[int, int] = {}
+    include_usage, continuous = usage_options(req)
+    tokens: dict[int, int] = {}
 
     def events_of(index: int, out: p.Output) -> list[bytes]:  # one choice per chunk, as OpenAI and vLLM send
         events = []
@@ -92,12 +94,14 @@ async def _stream(request: web.Request, req: s.CompletionRequest, model: str, pr
             k = index * n + c.index
             choice = s.CompletionChoice(k, c.text, _logprobs(c, offsets.get(k, 0)), finish(c.finish_reason))
             offsets[k] = offsets.get(k, 0) + len(c.text)
-            events.append(sse(encode(s.Completion(id=cid, created=created, model=model, choices=[choice]))))
+            tokens[k] = tokens.get(k, 0) + c.tokens
+            usage = s.Usage(out.prompt_tokens, tokens[k], out.prompt_tokens + tokens[k]) if continuous else None
+            events.append(sse(encode(s.Completion(id=cid, created=created, model=model, choices=[choice],
+                                                  usage=usage))))
         return events
 
     def usage_event(usage: s.Usage) -> bytes:
         return sse(encode(s.Completion(id=cid, created=created, model=model, choices=[], usage=usage)))
 
-    include_usage = req.stream_options is not None and req.stream_options.include_usage
-    return await relay_stream(request, stream(request, prompts, params, echo=req.echo), events_of, [],
+    return await relay_stream(request, stream(request, prompts, params, echo=req.echo), events_of,
                               usage_event if include_usage else None)

@@ -54,16 +54,20 @@ def from_validation(exc: msgspec.ValidationError | msgspec.DecodeError) -> ApiEr
     """`Expected int >= 1, got 0 - at $.max_tokens` -> 400 naming max_tokens."""
     text = str(exc)
     match = _PATH.search(text)
-    param = match.group(1) if match else None
-    if param is not None:
-        param = param.split("[")[0] or None
+    path = match.group(1) if match else ""
+    param = path.split("[")[0] or None
+    # a field missing or unknown inside an object is named with its path: response_format.json_schema.name
     missing = re.search(r"missing required field `([^`]*)`", text)
     if missing:
-        return ApiError(400, f"Missing required parameter: {missing.group(1)!r}", missing.group(1))
+        field = f"{path}.{missing.group(1)}" if path else missing.group(1)
+        return ApiError(400, f"Missing required parameter: {field!r}", field)
     unknown = re.search(r"unknown field `([^`]*)`", text)
     if unknown:
-        param = unknown.group(1)
-        return ApiError(400, f"Unsupported parameter: {param!r}", param, "unsupported_parameter")
+        field = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+        return ApiError(400, f"Unsupported parameter: {field!r}", field, "unsupported_parameter")
+    if param == "response_format.type":
+        return ApiError(400, f"response_format.type must be 'text', 'json_object' or 'json_schema': "
+                             f"{text.split(' - at ')[0]}", param)
     message = text.split(" - at ")[0]
     if param:
         message = f"Invalid value for {param!r}: {message}"

@@ -33,6 +33,36 @@ TokenId = Annotated[int, Meta(ge=0, le=INT64_MAX)]  # beyond the vocabulary: a 4
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the usage so far
+
+
+class _Format(msgspec.Struct, forbid_unknown_fields=True, tag_field="type"):
+    pass
+
+
+class TextFormat(_Format, tag="text"):
+    """Free text: the default."""
+
+
+class JsonObjectFormat(_Format, tag="json_object"):
+    """Any JSON object (vLLM's structured outputs, json_object)."""
+
+
+class JsonSchema(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: Annotated[str, Meta(max_length=1 << 16)] | None = None
+    schema: dict[str, Any] | None = None  # the JSON Schema the answer satisfies; required here (vLLM too)
+    strict: bool | None = None  # accepted: the grammar always holds the answer to the whole schema
+
+
+class JsonSchemaFormat(_Format, tag="json_schema"):
+    """A JSON value satisfying `json_schema.schema` (vLLM's structured outputs, json)."""
+
+    json_schema: JsonSchema
+
+
+# Another type (vLLM's structural_tag, a typo) is a 400 naming response_format.type.
+ResponseFormat = TextFormat | JsonObjectFormat | JsonSchemaFormat
 
 
 class SamplingFields(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -57,6 +87,7 @@ class SamplingFields(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     repetition_penalty: Annotated[float, Meta(gt=0.0, le=2.0)] = 1.0
     logit_bias: Annotated[dict[str, Bias], Meta(max_length=MAX_LOGIT_BIAS)] | None = None  # token id -> bias
     user: Annotated[str, Meta(max_length=256)] | None = None  # accepted, for the client's own tracking
+    response_format: ResponseFormat | None = None  # chat's, and vLLM's on legacy completions too
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
@@ -83,13 +114,8 @@ class ChatMessageIn(msgspec.Struct, forbid_unknown_fields=True):
     name: Annotated[str, Meta(max_length=64)] | None = None
 
 
-class ResponseFormat(msgspec.Struct, forbid_unknown_fields=True):
-    type: Literal["text"]  # the default; json_object and json_schema are not served (yet): a 400 naming them
-
-
 class ChatCompletionRequest(SamplingFields, kw_only=True):
     messages: Annotated[list[ChatMessageIn], Meta(min_length=1, max_length=MAX_MESSAGES)]
-    response_format: ResponseFormat | None = None
     max_completion_tokens: Annotated[int, Meta(ge=1, le=MAX_TOKENS_CAP)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None

@@ -198,7 +198,7 @@ def test_caps_and_unsupported_parameters_are_named(base_url: str, body: dict, pa
 
 @pytest.mark.parametrize(("body", "param"), [
     ({"tools": [{"type": "function"}]}, "tools"), ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
-    ({"response_format": {"type": "json_object"}}, "response_format.type"),
+    ({"response_format": {"type": "structural_tag"}}, "response_format.type"),
 ])
 def test_chat_unsupported_parameters_are_named(base_url: str, body: dict, param: str) -> None:
     status, err = post_json(base_url, "/v1/chat/completions", {"messages": MESSAGES, **body})

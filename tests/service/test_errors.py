@@ -20,6 +20,13 @@ decode = msgspec.json.Decoder(CompletionRequest).decode
     ({"prompt": "x", "stop": ["a", ""]}, "stop"),
     ({"prompt": "x", "bogus": 1}, "bogus"),
     ({}, "prompt"),
+    ({"prompt": "x", "stream_options": {"bogus": 1}}, "stream_options.bogus"),
+    ({"prompt": "x", "response_format": {"type": "xml"}}, "response_format.type"),
+    ({"prompt": "x", "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+     "response_format.json_schema.name"),
+    ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": []}}},
+     "response_format.json_schema.schema"),
 ])
 def test_param_is_named(body: dict, param: str) -> None:
     with pytest.raises(msgspec.ValidationError) as info:

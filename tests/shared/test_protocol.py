@@ -14,6 +14,9 @@ GATEWAY_MESSAGES: list[p.GatewayMessage] = [
     p.Hello(p.PROTOCOL_VERSION, "gateway"),
     p.Generate(7, "hello", p.SamplingSpec(max_tokens=5, n=2, stop=["x"], seed=3), stream=True, request_id="r"),
     p.Generate(8, [1, 2, 3], p.SamplingSpec(), chat=[p.ChatMessage("user", "hi")], echo=True, probe=True),
+    p.Generate(13, "", p.SamplingSpec(response_format=p.StructuredOutput('{"type": "boolean"}')),
+               chat=[p.ChatMessage("user", "json")]),
+    p.Generate(14, "", p.SamplingSpec(logit_bias=[(1, 2.0)], response_format=p.StructuredOutput(None))),
     p.Abort(7),
     p.GetStats(9, 2.5),
     p.Tokenize(10, None, [p.ChatMessage("system", "s"), p.ChatMessage("user", "u")], False, False),
@@ -55,6 +58,14 @@ def test_gateway_messages_round_trip(msg: p.GatewayMessage) -> None:
 def test_worker_messages_round_trip(msg: p.WorkerMessage) -> None:
     data = msgspec.msgpack.encode(msg)
     assert msgspec.msgpack.decode(data, type=p.WorkerMessage) == msg
+
+
+def test_sampling_spec_without_the_appended_field_decodes() -> None:
+    """Schema evolution by appended fields: a SamplingSpec encoded before response_format
+    existed (one element shorter) decodes with the default."""
+    full = msgspec.msgpack.decode(msgspec.msgpack.encode(p.SamplingSpec(max_tokens=3, logit_bias=[(1, 2.0)])))
+    older = msgspec.msgpack.encode(full[: len(p.SamplingSpec.__struct_fields__) - 1])
+    assert msgspec.msgpack.decode(older, type=p.SamplingSpec) == p.SamplingSpec(max_tokens=3, logit_bias=[(1, 2.0)])
 
 
 def test_directions_do_not_mix() -> None:

@@ -2,10 +2,13 @@
 # Install citadel-llm as systemd services. Idempotent: a second run changes nothing that the
 # first made, and never overwrites an operator's config or env file.
 #
-#   deploy/install.sh [--prefix DIR] [--instance NAME] [--gpu] [--skip-venv]
+#   deploy/install.sh [--prefix DIR] [--instance NAME [--port PORT]] [--gpu] [--skip-venv]
 #
 # --prefix DIR   install under DIR instead of / (tests; no user, chown or systemctl then)
-# --instance     the instance name (default phi-3-mini): config services/NAME.yaml, NAME.env
+# --instance     the instance name (default phi-3-mini): config services/NAME.yaml, NAME.env,
+#                unit citadel-llm@NAME; a second instance needs its own ports (--port)
+# --port PORT    a new instance's gateway port, written to its new env file with the metrics
+#                on PORT+1 (an existing env file is left alone: edit it)
 # --gpu          install the project with the gpu extra and the GPU device drop-in
 # --skip-venv    do not create /opt/citadel/venv (the slow part); an existing one reads the config
 set -euo pipefail
@@ -14,16 +17,24 @@ PREFIX=/
 INSTANCE=phi-3-mini
 EXTRA=cpu
 SKIP_VENV=0
+PORT=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --prefix) PREFIX="$2"; shift 2 ;;
     --instance) INSTANCE="$2"; shift 2 ;;
+    --port) PORT="$2"; shift 2 ;;
     --gpu) EXTRA=gpu; shift ;;
     --skip-venv) SKIP_VENV=1; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
+
+[[ "$INSTANCE" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || { echo "install.sh: bad instance name '$INSTANCE' (letters, digits, . _ -)" >&2; exit 2; }
+if [ -n "$PORT" ]; then
+  [[ "$PORT" =~ ^[0-9]+$ ]] && [ "$PORT" -ge 1 ] && [ "$PORT" -le 65534 ] \
+    || { echo "install.sh: bad --port '$PORT' (1-65534; the metrics take PORT+1)" >&2; exit 2; }
+fi
 
 SRC="$(cd "$(dirname "$0")/.." && pwd)"
 R="${PREFIX%/}"  # "" for a real install
@@ -48,13 +59,24 @@ install -d -m 0755 "$R/opt/citadel" "$R/opt/citadel/config/services" "$R/opt/cit
 install -d -m 0750 "$R/etc/citadel-llm"
 
 # Configuration and environment: the operator's once installed.
+CREATED=()
 if [ ! -e "$CONFIG" ]; then
   install -m 0644 "$SRC/deploy/config/phi-3-mini.yaml" "$CONFIG"
+  CREATED+=("$CONFIG")
   say "wrote $CONFIG"
 fi
 if [ ! -e "$ENV_FILE" ]; then
-  install -m 0640 "$SRC/deploy/env/phi-3-mini.env" "$ENV_FILE"
+  sed "s/citadel-llm@phi-3-mini/citadel-llm@$INSTANCE/" "$SRC/deploy/env/phi-3-mini.env" > "$ENV_FILE.tmp"
+  if [ -n "$PORT" ]; then
+    printf '# this instance'"'"'s ports (install.sh --port %s)\nPHI_3_MINI_PORT=%s\nPHI_3_MINI_METRICS_PORT=%s\n' \
+      "$PORT" "$PORT" "$((PORT + 1))" >> "$ENV_FILE.tmp"
+  fi
+  chmod 0640 "$ENV_FILE.tmp"
+  mv -f "$ENV_FILE.tmp" "$ENV_FILE"
+  CREATED+=("$ENV_FILE")
   say "wrote $ENV_FILE"
+elif [ -n "$PORT" ]; then
+  say "left $ENV_FILE as it is: --port applies to a new instance (set PHI_3_MINI_PORT there)"
 fi
 
 # Units: always the shipped ones (same input, same files).
@@ -88,10 +110,11 @@ if [ ! -x "$VENV_BIN/citadel-llm" ] && [ -x "$SRC/.venv/bin/citadel-llm" ]; then
 fi
 [ -x "$VENV_BIN/citadel-llm" ] || { echo "install.sh: no $VENV_BIN/citadel-llm to read the configuration (run without --skip-venv)" >&2; exit 1; }
 
-unit_environment() {  # NUL-separated NAME=value: the unit's PHI_3_MINI_CONFIG, then the env file's
-  # PHI_3_MINI_* lines, which win as EnvironmentFile= wins over Environment= (comments, blank
-  # lines and other variables skipped; one pair of surrounding quotes removed, as systemd does)
-  printf '%s\0' "PHI_3_MINI_CONFIG=$CONFIG"
+unit_environment() {  # unit_environment CONFIG ENV_FILE: NUL-separated NAME=value: the unit's
+  # PHI_3_MINI_CONFIG, then the env file's PHI_3_MINI_* lines, which win as EnvironmentFile=
+  # wins over Environment= (comments, blank lines and other variables skipped; one pair of
+  # surrounding quotes removed, as systemd does)
+  printf '%s\0' "PHI_3_MINI_CONFIG=$1"
   local line name value
   while IFS= read -r line || [ -n "$line" ]; do
     line="${line#"${line%%[![:space:]]*}"}"
@@ -101,21 +124,47 @@ unit_environment() {  # NUL-separated NAME=value: the unit's PHI_3_MINI_CONFIG, 
     case "$value" in \"*\"|\'*\') value="${value:1:${#value}-2}" ;; esac
     if [ "$name" = PHI_3_MINI_CONFIG ]; then value="$R$value"; fi  # a path on the installed root
     printf '%s\0' "$name=$value"
-  done < "$ENV_FILE"
+  done < "${2:-/dev/null}"
 }
-mapfile -d '' UNIT_ENV < <(unit_environment)
-# env -i: none of the caller's own PHI_3_MINI_* (the unit does not see them either)
-if ! CONFIG_JSON="$(env -i PATH="$PATH" HOME=/var/lib/citadel-llm "${UNIT_ENV[@]}" \
-                    timeout 60 "$VENV_BIN/citadel-llm" config show --format json)"; then
+instance_config() {  # instance_config CONFIG ENV_FILE: `config show --format json` as the unit sees it
+  local unit_env
+  mapfile -d '' unit_env < <(unit_environment "$1" "$2")
+  # env -i: none of the caller's own PHI_3_MINI_* (the unit does not see them either)
+  env -i PATH="$PATH" HOME=/var/lib/citadel-llm "${unit_env[@]}" \
+    timeout 60 "$VENV_BIN/citadel-llm" config show --format json
+}
+if ! CONFIG_JSON="$(instance_config "$CONFIG" "$ENV_FILE")"; then
   echo "install.sh: the configuration does not load (above): fix $CONFIG or $ENV_FILE" >&2
   exit 1
 fi
-setting() {  # setting SECTION NAME: its value in the configuration in force (numbers as %g)
+setting() {  # setting JSON SECTION NAME: its value in that configuration (numbers as %g)
   "$VENV_BIN/python" -c 'import json, sys; v = json.load(sys.stdin)[sys.argv[1]][sys.argv[2]]; print(f"{v:g}")' \
-    "$1" "$2" <<<"$CONFIG_JSON"
+    "$2" "$3" <<<"$1"
 }
-MEMORY_GB="$(setting efficiency memory_gb)"
-CPU_CORES="$(setting efficiency cpu_cores)"
+
+# The other instances installed here: none may share this one's ports, and the slice caps
+# them all together, so its memory and CPU are the sums over every instance.
+MEMORY_GB="$(setting "$CONFIG_JSON" efficiency memory_gb)"
+CPU_CORES="$(setting "$CONFIG_JSON" efficiency cpu_cores)"
+PORTS=" $(setting "$CONFIG_JSON" service port) $(setting "$CONFIG_JSON" monitoring metrics_port) "
+for other in "$R/opt/citadel/config/services/"*.yaml; do
+  name="$(basename "$other" .yaml)"
+  [ "$name" != "$INSTANCE" ] && [ -e "$R/etc/citadel-llm/$name.env" ] || continue
+  other_json="$(instance_config "$other" "$R/etc/citadel-llm/$name.env")" || {
+    echo "install.sh: instance $name's configuration does not load (above); it is left out of the slice" >&2
+    continue
+  }
+  for port in $(setting "$other_json" service port) $(setting "$other_json" monitoring metrics_port); do
+    if [[ "$PORTS" == *" $port "* ]]; then
+      [ ${#CREATED[@]} -eq 0 ] || rm -f "${CREATED[@]}"  # a new instance: try again with --port
+      echo "install.sh: instance $name already uses port $port; give $INSTANCE its own ports" \
+           "(--port PORT for a new instance, else PHI_3_MINI_PORT/PHI_3_MINI_METRICS_PORT in $ENV_FILE)" >&2
+      exit 1
+    fi
+  done
+  MEMORY_GB="$(awk -v a="$MEMORY_GB" -v b="$(setting "$other_json" efficiency memory_gb)" 'BEGIN { printf "%g", a + b }')"
+  CPU_CORES=$((CPU_CORES + $(setting "$other_json" efficiency cpu_cores)))
+done
 MEMORY_MAX_MB="$(awk -v g="$MEMORY_GB" 'BEGIN { printf "%d", g * 1024 }')"
 MEMORY_HIGH_MB="$(awk -v g="$MEMORY_GB" 'BEGIN { printf "%d", g * 1024 * 0.9 }')"
 sed -e "s/@MEMORY_GB@/$MEMORY_GB/" -e "s/@CPU_CORES@/$CPU_CORES/" \
@@ -141,4 +190,4 @@ if [ -z "$R" ]; then
     say "start with: systemctl enable --now citadel-llm@$INSTANCE"
   fi
 fi
-say "done ($INSTANCE, slice: MemoryMax=${MEMORY_MAX_MB}M CPUQuota=$((CPU_CORES * 100))%)"
+say "done (citadel-llm@$INSTANCE, slice: MemoryMax=${MEMORY_MAX_MB}M CPUQuota=$((CPU_CORES * 100))%)"

@@ -42,10 +42,16 @@ serve: install demo-model
 	$(VENV)/bin/citadel-llm serve
 
 test: install demo-model tools
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not fleet"
 
 test-unit: install
 	$(PY) -m pytest tests/shared tests/service -m "not integration"
+
+# Two replicas behind a real nginx (tests/integration/test_fleet.py): several minutes of
+# starts, an engine kill and a rolling restart, so apart from `make test`; .ci/run runs both.
+.PHONY: test-fleet
+test-fleet: install demo-model tools
+	$(PY) -m pytest -m fleet tests/integration/test_fleet.py
 
 bench: install demo-model tools
 	$(PY) -m pip install -q -e '.[cpu,test,bench]'

@@ -24,8 +24,14 @@ def _parser() -> argparse.ArgumentParser:
     ):
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("--config", help="YAML configuration file (default: $PHI_3_MINI_CONFIG)")
-    demo = sub.add_parser("demo-model", help="write the small random-weight Phi-3 demo model")
+    demo = sub.add_parser("demo-model", help="write a random-weight Phi-3 model: the small demo one, or full size")
     demo.add_argument("dir")
+    demo.add_argument("--size", choices=("small", "full"), default="small",
+                      help="small (default): 2 layers; full: Phi-3-mini-4k-instruct's exact configuration")
+    demo.add_argument("--quantization", choices=("gptq",), help="full size: 4-bit GPTQ, group 128, symmetric")
+    demo.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="full size (default: bfloat16)")
+    demo.add_argument("--config-only", action="store_true", help="full size: only config and tokenizer files")
+    demo.add_argument("--seed", type=int, default=0)
     model = sub.add_parser("model", help="model files: download, verify, import a GGUF file")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     for name, help_text in (("download", "fetch model_name into model_path and write model.sha256"),
@@ -67,7 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     from shared.config import ConfigError, load_config, to_sections
     from shared.logging import configure_logging
 
+    if args.command == "demo-model" and args.size == "full":
+        from service.full_size_model import run_cli
+
+        return run_cli(args)
     if args.command == "demo-model":
+        if args.quantization or args.dtype or args.config_only:
+            print("citadel-llm: --quantization, --dtype and --config-only go with --size full", file=sys.stderr)
+            return 2
         from service.demo_model import make_demo_model
 
         print(make_demo_model(args.dir))
@@ -124,8 +137,16 @@ def _model_command(args: argparse.Namespace, config: object) -> int:
 
     model_dir = args.dir or config.model_path  # type: ignore[attr-defined]
     if args.model_command == "download":
-        manifest = model_files.download(config.model_name, model_dir)  # type: ignore[attr-defined]
-        print(f"downloaded {config.model_name} to {model_dir}; wrote {manifest}")  # type: ignore[attr-defined]
+        name = config.model_name  # type: ignore[attr-defined]
+        try:
+            manifest = model_files.download(name, model_dir)
+        except model_files.DownloadError as exc:
+            print(f"citadel-llm: model download failed: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"citadel-llm: model download interrupted; run it again to resume", file=sys.stderr)
+            return 130
+        print(f"downloaded {name} to {model_dir}; wrote {manifest}")
         return 0
     problems = model_files.verify(model_dir)
     if problems:

@@ -144,7 +144,7 @@ def _model_command(args: argparse.Namespace, config: object) -> int:
             print(f"citadel-llm: model download failed: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            print(f"citadel-llm: model download interrupted; run it again to resume", file=sys.stderr)
+            print("citadel-llm: model download interrupted; run it again to resume", file=sys.stderr)
             return 130
         print(f"downloaded {name} to {model_dir}; wrote {manifest}")
         return 0

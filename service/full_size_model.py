@@ -21,6 +21,7 @@ sym true, desc_act false. Embeddings, lm_head and the norms stay in 16 bits.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -246,10 +247,19 @@ def write_safetensors(path: Path, specs: list[TensorSpec], gen: Any, std: float,
 
 
 def build_tokenizer(out_dir: Path) -> int:
+    """Save the tokenizer to `out_dir`; returns its length (32,011, as Phi-3's)."""
+    fast = _trained_tokenizer()
+    fast.save_pretrained(str(out_dir))
+    return len(fast)
+
+
+@functools.lru_cache(maxsize=1)
+def _trained_tokenizer() -> Any:
     """A byte-level BPE with Phi-3's id layout: 32,000 base ids (0 <unk>, 1 <s>, 2 </s>, merges
     trained on CPython's bundled docs and its standard library's top-level sources), then
     Phi-3's added tokens from 32000 (<|endoftext|> 32000, <|assistant|> 32001, <|system|> 32006,
-    <|end|> 32007, <|user|> 32010); special tokens and chat template as the small demo model's."""
+    <|end|> 32007, <|user|> 32010); special tokens and chat template as the small demo model's.
+    Trained once per process (a few seconds)."""
     import sysconfig
 
     from pydoc_data.topics import topics
@@ -274,8 +284,7 @@ def build_tokenizer(out_dir: Path) -> int:
     for token, expected in (("<|endoftext|>", 32000), ("<|end|>", 32007), ("<|user|>", 32010)):
         if fast.convert_tokens_to_ids(token) != expected:
             raise DemoModelError(f"{token} got id {fast.convert_tokens_to_ids(token)}, not {expected}")
-    fast.save_pretrained(str(out_dir))
-    return len(fast)
+    return fast
 
 
 def _free_bytes(path: Path) -> int:
@@ -317,11 +326,15 @@ def make_full_model(out_dir: str | Path, *, dtype: str = "bfloat16", quantizatio
         raise DemoModelError(f"{out} already exists and is not empty; remove it or choose another folder")
     specs = [] if config_only else tensor_specs(config, quantization)
     shards = plan_shards(specs, shard_bytes) if specs else []
-    need = sum(s.nbytes for s in specs) + (8 << 20)  # + tokenizer and JSON files
+    weights = sum(s.nbytes for s in specs)
+    need = weights + (8 << 20)  # + tokenizer and JSON files (~3 MB)
     free = _free_bytes(out.parent)
-    what = "config and tokenizer" if config_only else \
-        f"{len(specs)} tensors, {dtype}{' + GPTQ 4-bit' if quantization else ''}, in {len(shards)} shards"
-    progress(f"writing a random-weight Phi-3-mini-4k-instruct ({what}) to {out}: {_gb(need)} on disk")
+    if config_only:
+        progress(f"writing Phi-3-mini-4k-instruct's config and tokenizer to {out}: ~3 MB on disk")
+    else:
+        progress(f"writing a random-weight Phi-3-mini-4k-instruct ({len(specs)} tensors, {dtype}"
+                 f"{' + GPTQ 4-bit' if quantization else ''}, in {len(shards)} shards) to {out}: "
+                 f"{_gb(weights)} on disk")
     margin = 256 << 20 if specs else 0
     if free < need + margin:
         raise DemoModelError(f"not enough disk space for {out}: it needs {_gb(need + margin)} "

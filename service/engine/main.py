@@ -94,7 +94,7 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
         log.info("engine loading", model_path=str(model.path), demo_model=model.demo,
                  dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                  max_num_batched_tokens=args.max_num_batched_tokens,
-                 kv_cache_bytes=args.kv_cache_memory_bytes, omp_threads=os.environ.get("OMP_NUM_THREADS"))
+                 memory_fraction=round(args.gpu_memory_utilization, 4), omp_threads=os.environ.get("OMP_NUM_THREADS"))
         from service.engine.admission import Admission, Limits
         from service.engine.stats import SchedulerSnapshot
         from service.model_files import count_parameters
@@ -103,6 +103,10 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
         engine = AsyncLLM.from_engine_args(args, stat_loggers=[scheduler.factory])
         settings.unpin_this_process(config)
         load_s = time.monotonic() - started
+        cache = engine.vllm_config.cache_config
+        log.info("kv cache", blocks=cache.num_gpu_blocks, block_size=cache.block_size,
+                 tokens=(cache.num_gpu_blocks or 0) * cache.block_size,
+                 full_sequences=round((cache.num_gpu_blocks or 0) * cache.block_size / config.max_model_len, 1))
         welcome = p.Welcome(
             protocol_version=p.PROTOCOL_VERSION,
             model_name=config.model_name,

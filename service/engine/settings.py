@@ -18,10 +18,19 @@ from shared.logging import get_logger
 log = get_logger(__name__)
 
 GIB = 1 << 30
-# Resident memory of the service's Python processes besides weights and KV cache
-# (gateway, engine worker with vLLM's front end, EngineCore with torch), measured
-# on the demo model; the KV cache gets what is left of memory_gb.
-RUNTIME_OVERHEAD_BYTES = int(1.6 * GIB)
+# Resident memory of the service's processes other than vLLM's EngineCore: serve, gateway,
+# orchestrator, and the engine worker with vLLM's front end (tokenizer, detokenizer, torch
+# imported). It does not grow with the model: measured 0.81 GB (demo model) and 0.84 GB
+# (SmolLM2-135M) as the sum of their RSS at idle.
+OTHER_PROCESSES_BYTES = int(0.85 * GIB)
+# What the EngineCore gains under load beyond its measured footprint (activations of a full
+# token budget, oneDNN's primitive cache, request state): +90 MB on the demo model over 20
+# overload passes (issue 14), more for larger models; kept free so that load never pushes the
+# tree over memory_gb.
+LOAD_HEADROOM_BYTES = int(0.25 * GIB)
+# The EngineCore's footprint besides weights and KV cache, used only to cap the KV cache at
+# what max_num_seqs full sequences can use (the fit itself comes from vLLM's measurement).
+CORE_RUNTIME_BYTES = int(0.8 * GIB)
 MIN_KV_CACHE_BYTES = 64 << 20
 
 
@@ -58,8 +67,29 @@ def resolve_dtype(config: Phi3MiniConfig, cpu: bool) -> str:
     return config.dtype
 
 
-def kv_cache_bytes(config: Phi3MiniConfig, model_dir: Path, dtype: str) -> int:
-    """KV cache that fits next to the weights and the runtime inside memory_gb."""
+@dataclass(frozen=True)
+class KvPlan:
+    """How much memory the KV cache of one instance wants and may have (bytes)."""
+
+    per_token: int  # K and V of every layer for one token
+    wanted: int  # max_num_seqs full sequences of max_model_len
+    weights: int  # as loaded, in the serving dtype
+
+    def engine_core_budget(self, config: Phi3MiniConfig) -> int:
+        """The EngineCore's share of memory_gb (weights, runtime and KV cache), at most what
+        the wanted cache needs beside them. vLLM fills it: the KV cache gets the budget less
+        the EngineCore's resident memory as it measures it after loading and warm-up."""
+        fits = int(config.memory_gb * GIB) - OTHER_PROCESSES_BYTES - LOAD_HEADROOM_BYTES
+        needs = CORE_RUNTIME_BYTES + self.weights + max(self.wanted, MIN_KV_CACHE_BYTES)
+        return min(fits, needs)
+
+    def estimate(self, config: Phi3MiniConfig) -> int:
+        """The KV cache vLLM will make from the budget, estimated before loading (the figure
+        for a peer server that must get the same cache)."""
+        return max(self.engine_core_budget(config) - CORE_RUNTIME_BYTES - self.weights, MIN_KV_CACHE_BYTES)
+
+
+def kv_plan(config: Phi3MiniConfig, model_dir: Path, dtype: str) -> KvPlan:
     import json
 
     hf = json.loads((model_dir / "config.json").read_text())
@@ -69,19 +99,40 @@ def kv_cache_bytes(config: Phi3MiniConfig, model_dir: Path, dtype: str) -> int:
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     elem = 4 if dtype == "float32" else 2
     per_token = 2 * layers * kv_heads * head_dim * elem
-    wanted = per_token * config.max_model_len * config.max_num_seqs
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     saved_elem = 4 if hf.get("torch_dtype", hf.get("dtype")) == "float32" else 2
-    weights = weights * elem // saved_elem
-    budget = int(config.memory_gb * GIB) - weights - RUNTIME_OVERHEAD_BYTES
-    one_sequence = per_token * config.max_model_len
-    if budget < one_sequence:
-        log.warning(
-            "memory_gb leaves no room for the KV cache of one full sequence; using that minimum",
-            memory_gb=config.memory_gb, weights_bytes=weights, kv_cache_bytes=one_sequence,
-        )
-        return max(one_sequence, MIN_KV_CACHE_BYTES)
-    return max(min(wanted, budget), MIN_KV_CACHE_BYTES)
+    return KvPlan(per_token, per_token * config.max_model_len * config.max_num_seqs,
+                  weights * elem // saved_elem)
+
+
+def kv_cache_bytes(config: Phi3MiniConfig, model_dir: Path, dtype: str) -> int:
+    """The KV cache this instance will have, estimated before loading."""
+    return kv_plan(config, model_dir, dtype).estimate(config)
+
+
+def cpu_memory_fraction(config: Phi3MiniConfig, model_dir: Path, dtype: str) -> float:
+    """vLLM's gpu_memory_utilization on a CPU host: the fraction of the memory node that the
+    EngineCore may hold. vLLM subtracts what the EngineCore measures resident after loading
+    the weights and warming up, and makes the KV cache of the rest, so the fit holds for any
+    model, whatever its runtime costs."""
+    from vllm.utils.cpu_resource_utils import get_memory_node_info
+
+    plan = kv_plan(config, model_dir, dtype)
+    budget = plan.engine_core_budget(config)
+    if budget - CORE_RUNTIME_BYTES - plan.weights < config.max_model_len * plan.per_token:
+        log.warning("memory_gb leaves little or no room for the KV cache of one full sequence",
+                    memory_gb=config.memory_gb, weights_bytes=plan.weights,
+                    engine_core_budget_bytes=budget)
+    total = get_memory_node_info(_memory_node()).total_memory
+    return min(budget / total, 1.0)
+
+
+def _memory_node() -> int:
+    """The NUMA node of the first allowed CPU, as vLLM's CPU worker picks it."""
+    cpu = min(_ALLOWED_AT_START)
+    node_dir = Path(f"/sys/devices/system/cpu/cpu{cpu}")
+    nodes = sorted(node_dir.glob("node[0-9]*")) if node_dir.exists() else []
+    return int(nodes[0].name.removeprefix("node")) if nodes else 0
 
 
 def engine_cpu_list(config: Phi3MiniConfig) -> list[int]:
@@ -153,7 +204,7 @@ def engine_args(config: Phi3MiniConfig, model: ModelChoice, cpu: bool) -> Any:
     )
     if cpu:
         if config.memory_optimization:
-            kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(config, model.path, dtype)
+            kwargs["gpu_memory_utilization"] = cpu_memory_fraction(config, model.path, dtype)
         else:
             kwargs["gpu_memory_utilization"] = 0.1
     else:

@@ -1,0 +1,50 @@
+"""The KV cache's share of memory_gb: what the EngineCore may hold, handed to vLLM, which makes
+the cache of what its own measurement leaves (pure arithmetic; the fit itself is measured by
+the real-model memory test)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from service.engine.settings import (CORE_RUNTIME_BYTES, GIB, LOAD_HEADROOM_BYTES, OTHER_PROCESSES_BYTES,
+                                     kv_plan)
+from shared.config import Phi3MiniConfig
+
+
+def _model(tmp_path: Path, layers: int, kv_heads: int, head_dim: int, weight_bytes: int) -> Path:
+    (tmp_path / "config.json").write_text(json.dumps({
+        "num_hidden_layers": layers, "num_attention_heads": kv_heads, "num_key_value_heads": kv_heads,
+        "head_dim": head_dim, "hidden_size": kv_heads * head_dim, "torch_dtype": "float32"}))
+    with open(tmp_path / "model.safetensors", "wb") as f:
+        f.truncate(weight_bytes)  # sparse: only its size is read
+    return tmp_path
+
+
+def test_a_small_model_gets_the_cache_its_sequences_need(tmp_path: Path) -> None:
+    config = Phi3MiniConfig(max_num_seqs=16, max_model_len=2048)
+    plan = kv_plan(config, _model(tmp_path, 2, 4, 64, 14 << 20), "float32")
+    assert plan.per_token == 2 * 2 * 4 * 64 * 4
+    assert plan.wanted == plan.per_token * 2048 * 16
+    budget = plan.engine_core_budget(config)
+    assert budget == CORE_RUNTIME_BYTES + plan.weights + plan.wanted  # capped: not all of memory_gb
+    assert budget < 4 * GIB - OTHER_PROCESSES_BYTES - LOAD_HEADROOM_BYTES
+
+
+def test_a_large_model_gets_what_memory_gb_leaves_and_never_more(tmp_path: Path) -> None:
+    """SmolLM2-135M's shape in float32: 32 full sequences want 3 GB of cache, more than fits."""
+    config = Phi3MiniConfig(max_num_seqs=32, max_model_len=2048, memory_gb=4)
+    plan = kv_plan(config, _model(tmp_path, 30, 3, 64, 538_090_408), "float32")
+    assert plan.wanted > 3 * 10**9
+    budget = plan.engine_core_budget(config)
+    assert budget == 4 * GIB - OTHER_PROCESSES_BYTES - LOAD_HEADROOM_BYTES
+    assert plan.estimate(config) == budget - CORE_RUNTIME_BYTES - plan.weights
+    smaller = Phi3MiniConfig(max_num_seqs=32, max_model_len=2048, memory_gb=3)
+    assert plan.engine_core_budget(smaller) == budget - GIB  # follows memory_gb one for one
+
+
+def test_bfloat16_halves_the_cache_and_the_weights(tmp_path: Path) -> None:
+    config = Phi3MiniConfig()
+    model = _model(tmp_path, 30, 3, 64, 538_090_408)
+    f32, bf16 = kv_plan(config, model, "float32"), kv_plan(config, model, "bfloat16")
+    assert bf16.per_token * 2 == f32.per_token and bf16.weights * 2 == f32.weights

@@ -84,6 +84,7 @@ class CgroupReader:
             cpu_pressure_some_avg10=cpu_some,
             cpu_throttled_periods=stat.get("nr_throttled"),
             cpu_throttled_s=None if throttled_usec is None else throttled_usec / 1e6,
+            memory_working_set_mb=_working_set(folder / "memory.current", folder / "memory.stat", "inactive_file"),
         )
 
     def _v1(self) -> CgroupSample:
@@ -105,7 +106,18 @@ class CgroupReader:
             cpu_pressure_some_avg10=cpu_some,
             cpu_throttled_periods=stat.get("nr_throttled"),
             cpu_throttled_s=None if throttled_ns is None else throttled_ns / 1e9,
+            memory_working_set_mb=_working_set(memory / "memory.usage_in_bytes", memory / "memory.stat",
+                                               "total_inactive_file"),
         )
+
+
+def _working_set(usage: Path, stat: Path, inactive_key: str) -> float | None:
+    """Usage less the inactive page cache (the model files read at load stay charged to
+    the group until reclaimed, but never cause a kill)."""
+    used = _read_int(usage)
+    if used is None:
+        return None
+    return _mb(max(used - _keyed(stat).get(inactive_key, 0), 0))
 
 
 def _read_int(path: Path) -> int | None:

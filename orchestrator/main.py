@@ -59,7 +59,9 @@ class Orchestrator:
             limit_mb = min(limit_mb, cgroup.memory_max_mb)
         used_mb = sum(s.rss_mb for s in procs)
         if cgroup.memory_current_mb is not None and cgroup.memory_max_mb is not None:
-            used_mb = cgroup.memory_current_mb  # the figure the kernel enforces the limit on
+            # the figure the kernel enforces the limit on, less the page cache it reclaims first
+            used_mb = cgroup.memory_working_set_mb if cgroup.memory_working_set_mb is not None \
+                else cgroup.memory_current_mb
         report = p.EfficiencyReport(
             at=time.time(), interval_s=self.interval_s, efficiency_mode=self.config.efficiency_mode,
             connected=False, processes=procs, cgroup=cgroup, system_memory_used_percent=used_pct,

@@ -245,7 +245,7 @@ class ProcessSample(msgspec.Struct, kw_only=True):
 class CgroupSample(msgspec.Struct, kw_only=True):
     path: str
     version: int  # 2 or 1 (0: none found)
-    memory_current_mb: float | None = None
+    memory_current_mb: float | None = None  # charged to the group, page cache included
     memory_max_mb: float | None = None  # None: no limit
     memory_high_mb: float | None = None
     memory_pressure_some_avg10: float | None = None  # % of time some task stalled on memory
@@ -253,6 +253,9 @@ class CgroupSample(msgspec.Struct, kw_only=True):
     cpu_pressure_some_avg10: float | None = None
     cpu_throttled_periods: int | None = None
     cpu_throttled_s: float | None = None
+    # memory_current_mb less the inactive page cache, which the kernel reclaims before it
+    # would kill anything (the kubelet's working set): what the memory policy steers on
+    memory_working_set_mb: float | None = None
 
 
 class EfficiencyReport(msgspec.Struct, kw_only=True):

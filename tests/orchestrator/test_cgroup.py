@@ -30,11 +30,13 @@ def test_v2_reads_memory_pressure_and_throttling_of_the_services_own_cgroup(tmp_
                                     "full avg10=4.25 avg60=1.00 avg300=0.50 total=42\n")
     write(unit / "cpu.pressure", "some avg10=30.00 avg60=20.00 avg300=10.00 total=1\n")
     write(unit / "cpu.stat", "usage_usec 100\nnr_periods 10\nnr_throttled 3\nthrottled_usec 2500000\n")
+    write(unit / "memory.stat", f"anon {1024 << 20}\nfile {512 << 20}\ninactive_file {384 << 20}\nactive_file {128 << 20}\n")
     write(root / "memory.current", str(9 << 30))  # the root's figures must not be taken
     proc = proc_with(tmp_path, "0::/system.slice/citadel-llm@phi-3-mini.service\n")
     s = CgroupReader(PID, root=root, proc=proc).sample()
     assert s.version == 2 and s.path == str(unit)
     assert (s.memory_current_mb, s.memory_max_mb, s.memory_high_mb) == (1536.0, 4096.0, None)
+    assert s.memory_working_set_mb == 1536.0 - 384.0  # less the inactive page cache (model files read at load)
     assert (s.memory_pressure_some_avg10, s.memory_pressure_full_avg10, s.cpu_pressure_some_avg10) == (12.5, 4.25, 30.0)
     assert (s.cpu_throttled_periods, s.cpu_throttled_s) == (3, 2.5)
 
@@ -54,6 +56,7 @@ def test_v1_falls_back_to_the_memory_and_cpu_controllers_and_system_pressure(tmp
     write(mem / "memory.usage_in_bytes", str(2048 << 20))
     write(mem / "memory.limit_in_bytes", str(3 << 30))
     write(mem / "memory.soft_limit_in_bytes", "9223372036854771712\n")
+    write(mem / "memory.stat", f"cache {600 << 20}\ninactive_file 0\ntotal_inactive_file {500 << 20}\n")
     write(root / "cpu,cpuacct" / "citadel" / "cpu.stat", "nr_periods 5\nnr_throttled 2\nthrottled_time 1500000000\n")
     write(tmp_path / "proc" / "pressure" / "memory", "some avg10=1.00 avg60=0 avg300=0 total=0\n"
                                                      "full avg10=0.50 avg60=0 avg300=0 total=0\n")
@@ -62,6 +65,7 @@ def test_v1_falls_back_to_the_memory_and_cpu_controllers_and_system_pressure(tmp
     s = CgroupReader(PID, root=root, proc=proc).sample()
     assert s.version == 1 and s.path == str(mem)
     assert (s.memory_current_mb, s.memory_max_mb, s.memory_high_mb) == (2048.0, 3072.0, None)
+    assert s.memory_working_set_mb == 2048.0 - 500.0  # v1: the hierarchical total_inactive_file
     assert (s.memory_pressure_some_avg10, s.memory_pressure_full_avg10, s.cpu_pressure_some_avg10) == (1.0, 0.5, 7.0)
     assert (s.cpu_throttled_periods, s.cpu_throttled_s) == (2, 1.5)
 

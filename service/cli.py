@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from service.demo_model import make_demo_model
 
-        print(make_demo_model(args.dir))
+        print(make_demo_model(args.dir, seed=args.seed))
         return 0
     if args.command == "model" and args.model_command == "import-gguf":
         return _import_gguf(args)

@@ -79,6 +79,17 @@ def test_config_only_writes_phi3_mini_4k_published_configuration(config_only: Pa
     assert loaded.sliding_window == 2047
 
 
+def test_vllm_reads_the_full_size_config(config_only: Path) -> None:
+    """vLLM's ModelConfig (no engine, no weights): the sizes it will allocate for."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    mc = EngineArgs(model=str(config_only), dtype="bfloat16", max_model_len=2048).create_model_config()
+    assert mc.hf_config.model_type == "phi3" and str(mc.dtype) == "torch.bfloat16"
+    assert (mc.get_vocab_size(), mc.get_hidden_size(), mc.get_head_size()) == (32064, 3072, 96)
+    assert mc.hf_config.num_hidden_layers == 32 and mc.get_sliding_window() == 2047
+    assert mc.quantization is None
+
+
 def test_tokenizer_has_phi3_ids_and_the_demo_chat_template(config_only: Path) -> None:
     from transformers import AutoTokenizer
 

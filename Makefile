@@ -84,4 +84,4 @@ bench: install demo-model tools
 	$(PY) benchmarks/goodput.py --rounds 3
 
 clean:
-	rm -rf $(VENV) $(DEMO_MODEL) *.egg-info
+	rm -rf $(VENV) $(DEMO_MODEL) $(REAL_MODEL) $(REAL_MODEL_CACHE) *.egg-info

@@ -91,10 +91,6 @@ def _readable(folder: Path) -> None:
 def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float32",
                 log: TextIO = sys.stderr) -> Path:
     """Convert `gguf_file` into the new folder `out_dir`; returns its manifest."""
-    import torch
-
-    from service.model_files import write_manifest
-
     started = time.monotonic()
 
     def stage(text: str) -> None:
@@ -107,6 +103,10 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float3
     check_magic(src)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise GGUFImportError(f"{out} already exists and is not empty; remove it or choose another folder")
+    import torch
+
+    from service.model_files import write_manifest
+
     stage(f"reading {src.name}")
     gguf_arch = gguf_architecture(src)
     arch = hf_architecture(src, gguf_arch)
@@ -118,10 +118,14 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float3
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        stage("tokenizer and chat template")
-        tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-        stage(f"dequantizing the weights to {dtype}")
-        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=getattr(torch, dtype))
+        try:
+            stage("tokenizer and chat template")
+            tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+            stage(f"dequantizing the weights to {dtype}")
+            model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=getattr(torch, dtype))
+        except (ValueError, KeyError, NotImplementedError) as exc:  # what transformers raises for what it cannot map
+            reason = " ".join(str(exc).split())
+            raise GGUFImportError(f"{src.name} (architecture {gguf_arch!r}) cannot be converted: {reason}") from None
         # The weights are plain tensors now: a quantization_config left in config.json would make
         # vLLM look for GGUF-quantized weights.
         if hasattr(model.config, "quantization_config"):

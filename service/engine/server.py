@@ -277,6 +277,8 @@ class EngineServer:
                     conn.send(p.Output(rid, [p.Choice(i, echo, 0, None, echo_logprobs) for i in range(n)],
                                        prompt_tokens=len(ids)))
                     echo, echo_logprobs = "", []
+                if out.finished and any(c.finish_reason == "error" for c in out.outputs):
+                    raise _finished_with_error(msg.params)
                 choices = [
                     p.Choice(c.index, echo + c.text if echo else c.text, len(c.token_ids),
                              finish.get(c.finish_reason),  # type: ignore[arg-type]
@@ -398,6 +400,17 @@ class EngineServer:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5.0)
         self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+
+
+def _finished_with_error(spec: p.SamplingSpec) -> RequestError:
+    """vLLM finished the request with finish_reason "error": with response_format, its grammar
+    failed to compile in the EngineCore (vLLM fails that request alone); otherwise a
+    request-level failure inside vLLM."""
+    if spec.response_format is not None:
+        return RequestError("vLLM could not compile the grammar of this response_format",
+                            "response_format" if spec.response_format.json_schema is None
+                            else "response_format.json_schema.schema")
+    return RequestError("vLLM failed this request (finish_reason 'error')", status=500)
 
 
 def _logprobs(completion: Any, k: int | None) -> list[p.TokenLogprob]:

@@ -13,8 +13,9 @@ import enum
 
 import msgspec
 
-PROTOCOL_VERSION = 6  # 2: GetStats/EngineStats; 3: chat, logprobs, echo, tokenize; 4: admission, SetLimits; 5: probe;
-# 6: structured output (SamplingSpec.response_format), prompt_tokens on every Output
+PROTOCOL_VERSION = 7  # 2: GetStats/EngineStats; 3: chat, logprobs, echo, tokenize; 4: admission, SetLimits; 5: probe;
+# 6: structured output (SamplingSpec.response_format), prompt_tokens on every Output;
+# 7: EngineStats.engine_cpu_s
 
 
 class FinishReason(enum.IntEnum):
@@ -204,6 +205,9 @@ class EngineStats(_Msg, tag="stats"):
     e2e_p95_s: float = 0.0
     service_p95_s: float = 0.0  # admission into vLLM -> last token: the part the limits control
     mean_service_s: float = 0.0  # mean time in vLLM (moving average), used for the estimated wait
+    # CPU seconds the EngineCore process has used: a step can take tens of seconds on a busy
+    # or small CPU, and busy without output is slow, not stalled
+    engine_cpu_s: float = 0.0
 
 
 class LimitsSet(_Msg, tag="limitsset"):

@@ -389,6 +389,7 @@ class EngineServer:
             window_requests=pct.count, ttft_p50_s=pct.ttft_p50_s, ttft_p95_s=pct.ttft_p95_s,
             e2e_p50_s=pct.e2e_p50_s, e2e_p95_s=pct.e2e_p95_s, service_p95_s=pct.service_p95_s,
             mean_service_s=adm.service_s,
+            engine_cpu_s=_children_cpu_s(),
         )
 
     async def drain(self, timeout_s: float) -> None:
@@ -435,6 +436,20 @@ def _peer_uid(transport: asyncio.BaseTransport) -> int | None:
         return None
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return int(struct.unpack("3i", creds)[1])
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds (user + system) of this worker's children: vLLM's EngineCore."""
+    import psutil
+
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
 
 
 def _child_pids() -> list[int]:

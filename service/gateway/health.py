@@ -1,7 +1,12 @@
 """Is the engine making progress? A probe every health_check_interval seconds: the worker must
 answer, and either make engine steps for the requests it holds or, when idle, generate one
 token for the probe itself. Two failed probes in a row mark the engine stalled: /health says
-so, waiting requests get 503, and new ones are refused until a probe succeeds again."""
+so, waiting requests get 503, and new ones are refused until a probe succeeds again.
+
+No output for a while is a stall only if the EngineCore is not computing either: one step
+of a long prefill on a larger model or a busy 2-core host can take tens of seconds (a burst
+of 1,000-token prompts on a 30-layer model did), and failing those requests would be wrong.
+A stopped, deadlocked or starved EngineCore uses no CPU."""
 
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ log = get_logger(__name__)
 
 PROBE_PROMPT = [1, 2, 3]  # token ids: no tokenizing, valid in any vocabulary of this model family
 PROBE_PARAMS = p.SamplingSpec(max_tokens=1, ignore_eos=True)
+# Below this share of one core since the last probe, an EngineCore without output is stalled.
+BUSY_CORES = 0.05
 
 
 
@@ -26,6 +33,8 @@ class HealthMonitor:
         self.timeout_s = min(max(interval_s / 2, 0.5), 5.0)
         self.stalled = False  # the engine answered before but stopped making progress
         self._task: asyncio.Task[None] | None = None
+        self._cpu_seen: tuple[float, float] | None = None  # (loop time, EngineCore CPU seconds) at a probe
+        self._busy = True  # the EngineCore's CPU use over the last probe interval was above BUSY_CORES
 
     @property
     def healthy(self) -> bool:
@@ -44,10 +53,12 @@ class HealthMonitor:
         """None when the engine makes progress, else why not."""
         try:
             stats = await self.client.stats(self.timeout_s)
+            computing = self._computing(stats.engine_cpu_s)
             if stats.in_flight == 0:
                 await self.client.complete([PROBE_PROMPT], PROBE_PARAMS, "health-probe", self.timeout_s, probe=True)
-            elif stats.seconds_since_output > 2 * self.interval_s:
-                return f"no output for {stats.seconds_since_output:.1f} s with {stats.in_flight} requests in flight"
+            elif stats.seconds_since_output > 2 * self.interval_s and not computing:
+                return (f"no output for {stats.seconds_since_output:.1f} s with {stats.in_flight} requests in "
+                        "flight, and the EngineCore not computing")
         except EngineUnavailable:
             return None  # not connected: reported as loading/unavailable already
         except (TimeoutError, DeadlineExceeded):
@@ -55,6 +66,20 @@ class HealthMonitor:
         except RequestFailed as exc:  # the probe is never refused (protocol.Generate.probe)
             return f"probe failed: {exc}"
         return None
+
+    def _computing(self, cpu_s: float) -> bool:
+        """Whether the EngineCore used CPU over the last probe interval. A probe that follows
+        another at once (the second of a failed pair) reuses that interval's verdict; the first
+        probe has no evidence and does not call a stall on it."""
+        now = asyncio.get_running_loop().time()
+        if self._cpu_seen is None:
+            self._cpu_seen = (now, cpu_s)
+            return True
+        since, used = self._cpu_seen
+        if now - since >= self.interval_s / 2:
+            self._busy = (cpu_s - used) / (now - since) >= BUSY_CORES
+            self._cpu_seen = (now, cpu_s)
+        return self._busy
 
     async def _run(self) -> None:
         while True:

@@ -317,6 +317,30 @@ def test_stream_whose_client_stops_reading_is_aborted(own_service: ServiceProces
     assert complete(own_service)["choices"]
 
 
+def test_a_stopped_engine_core_with_requests_in_flight_is_a_stall(own_service: ServiceProcess) -> None:
+    """No output while the EngineCore computes is a slow step, not a stall (the health probe
+    looks at its CPU time); no output while it uses no CPU is one: requests in flight get
+    503 and /health says stalled until it runs again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shared.process_tree import role_of
+
+    own_service.wait_healthy(30)
+    [core] = [proc for proc in own_service.tree() if role_of(proc) == "engine-core"]
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(post, own_service, {"prompt": "x", "max_tokens": 1500, "ignore_eos": True})
+        wait_for(lambda: engine_running(own_service) == 1, 5, "the request to be running")
+        core.suspend()  # SIGSTOP: the EngineCore alone, the worker still answers its probes
+        try:
+            wait_for(lambda: health_status(own_service) == (503, "stalled"), 8.0, "/health to say stalled")
+            status, body = pending.result(10)
+            assert status == 503 and "stalled" in json.dumps(body), body
+        finally:
+            core.resume()
+    wait_for(lambda: health_status(own_service) == (200, "healthy"), 15, "/health to recover")
+    assert post(own_service, {"prompt": "x", "max_tokens": 2})[0] == 200
+
+
 def test_break_5_tokenizing_megabytes_does_not_starve_the_worker(own_service: ServiceProcess) -> None:
     """30 concurrent /tokenize of ~1 MB each made the 1 s progress probe time out: the engine
     was marked stalled, /health went 503 and completions got 503."""

@@ -13,6 +13,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -54,6 +55,10 @@ class ServiceProcess:
             "PHI_3_MINI_DEMO_MODEL_DIR": str(demo_model_dir()),
             "PHI_3_MINI_MAX_NUM_SEQS": "16",
             "PHI_3_MINI_MAX_NUM_BATCHED_TOKENS": "512",
+            # the same numerics on every machine: `auto` is bfloat16 where the CPU has bf16
+            # instructions, and exact comparisons (greedy text, log-probabilities) are written
+            # for float32; the peer server in the benchmarks runs float32 too
+            "PHI_3_MINI_DTYPE": "float32",
             **{f"PHI_3_MINI_{k.upper()}": v for k, v in settings.items()},
         }
         self.proc: subprocess.Popen[bytes] | None = None
@@ -62,10 +67,13 @@ class ServiceProcess:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> ServiceProcess:
+    def start(self, preexec_fn: Callable[[], None] | None = None) -> ServiceProcess:
+        """Start serve; `preexec_fn` runs in the child before exec (e.g. to join a cgroup,
+        which everything serve starts then inherits)."""
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], env=self.env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     preexec_fn=preexec_fn)
         return self
 
     def wait_healthy(self, timeout_s: float = STARTUP_TIMEOUT_S) -> dict:

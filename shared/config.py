@@ -58,7 +58,7 @@ class Phi3MiniConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # "ray" across nodes); "uni" keeps everything in one process
     distributed_executor_backend: Literal["", "mp", "ray", "uni", "external_launcher"] = ""
     gpu_memory_utilization: Fraction = 0.6  # GPU hosts only; on CPU the KV cache is sized from memory_gb
-    dtype: Dtype = "auto"  # "auto": float32 on a CPU host (bfloat16 is not safe on every CPU), else the model's
+    dtype: Dtype = "auto"  # "auto": on a CPU host bfloat16 where it has bf16 instructions, else float32; else the model's
     seed: NonNegative = 0
     # -- efficiency
     efficiency_mode: bool = True

@@ -5,6 +5,7 @@ One service for the module; every answer compared is greedy or seeded, none is t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.request
 from collections.abc import Iterator
@@ -14,7 +15,9 @@ import openai
 import pytest
 
 from service.model_files import verify
-from tests.helpers import ROOT, ServiceProcess
+from service.engine.settings import GIB
+from tests.cgroups import MemoryGroup, memory_group
+from tests.helpers import ROOT, ServiceProcess, wait_for
 
 # The first test also waits for the start (setup counts against pytest-timeout's limit).
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -28,16 +31,29 @@ REAL_MODEL_STARTUP_TIMEOUT_S = 840.0
 # layers: ~30 s on a quiet machine). These tests are about what the model answers, not the
 # compiled path (every other integration test runs that, on the demo model), so this service
 # runs eager.
-REAL_MODEL_SETTINGS = {"enforce_eager": "true"}
+# The shipped ceilings (32 sequences, 1024 tokens a step): 32 full sequences would want 3 GB of
+# KV cache here, more than memory_gb leaves, so the memory sizing is what decides.
+MEMORY_GB = 4.0
+REAL_MODEL_SETTINGS = {"enforce_eager": "true", "memory_gb": str(MEMORY_GB), "max_num_seqs": "32",
+                       "max_num_batched_tokens": "1024", "metrics_collection_interval": "1"}
 GREEDY = {"temperature": 0.0}
 
 
 @pytest.fixture(scope="module")
-def real_service() -> Iterator[ServiceProcess]:
+def memory_limit() -> Iterator[MemoryGroup]:
+    """The service runs in a cgroup limited to memory_gb, as systemd's slice would run it:
+    every test here runs under the cap, and going over it is an OOM kill, not a number."""
+    with memory_group(int(MEMORY_GB * GIB)) as group:
+        yield group
+
+
+@pytest.fixture(scope="module")
+def real_service(memory_limit: MemoryGroup) -> Iterator[ServiceProcess]:
     if not (REAL_MODEL_DIR / "model.sha256").exists():
         pytest.fail(f"{REAL_MODEL_DIR} is missing: run `make real-model` (make test does)")
     svc = ServiceProcess(model_path=str(REAL_MODEL_DIR), served_model_name=SERVED,
-                         model_name="HuggingFaceTB/SmolLM2-135M-Instruct", **REAL_MODEL_SETTINGS).start()
+                         model_name="HuggingFaceTB/SmolLM2-135M-Instruct", **REAL_MODEL_SETTINGS)
+    svc.start(preexec_fn=memory_limit.join)
     try:
         svc.wait_healthy(REAL_MODEL_STARTUP_TIMEOUT_S)
         yield svc
@@ -221,3 +237,38 @@ async def test_unicode_round_trips_through_the_tokenizer_routes(url: str) -> Non
     tokens = (await post(url, "/tokenize", {"model": SERVED, "prompt": text}))["tokens"]
     assert len(tokens) > 20
     assert (await post(url, "/detokenize", {"model": SERVED, "tokens": tokens}))["prompt"] == text
+
+
+# ------------------------------------------------------------------ memory under the cap
+def _efficiency(url: str) -> dict:
+    with urllib.request.urlopen(url + "/efficiency", timeout=30) as resp:
+        return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
+async def test_a_burst_of_long_requests_stays_under_the_memory_limit(real_service: ServiceProcess, url: str,
+                                                                      memory_limit: MemoryGroup) -> None:
+    """The whole batch at once (32 sequences of ~330-token prompts and 32-token answers, the
+    1024-token step budget full for the prefills), beside a KV cache that is resident from the
+    start (vLLM zeroes it when it makes it): every request is answered (200, or 429 from
+    admission), nothing is killed for memory, the engine is the same process, and once idle
+    the limits stand at their ceilings, not driven down for memory the batch cannot free."""
+    engine = real_service.children()["engine"].pid
+    prompt = "Water flows downhill and the river carries sand toward the sea. " * 25
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
+        async def one(i: int) -> int:
+            body = {"model": SERVED, "prompt": f"{i} {prompt}", "max_tokens": 32, "ignore_eos": True}
+            async with session.post(url + "/v1/completions", json=body) as resp:
+                await resp.read()
+                return resp.status
+
+        statuses = await asyncio.gather(*(one(i) for i in range(32)))
+    assert set(statuses) <= {200, 429} and statuses.count(200) >= 16, statuses
+    assert memory_limit.oom_kills() == 0
+    assert real_service.proc is not None and real_service.proc.poll() is None
+    assert real_service.children()["engine"].pid == engine  # not killed and restarted
+    def at_ceilings() -> bool:
+        doc = _efficiency(url)
+        return {k: doc["limits"][k] for k in doc["ceilings"]} == doc["ceilings"]
+
+    wait_for(at_ceilings, 60, "the limits to stand at their ceilings once idle")
+    assert _efficiency(url)["ceilings"]["max_num_seqs"] == 32

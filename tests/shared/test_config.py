@@ -39,10 +39,19 @@ def test_shipped_yaml_has_the_specs_sections() -> None:
     assert set(doc) == {"service", "model", "efficiency", "performance", "monitoring"}
 
 
-def test_dtype_default_runs_on_cpu() -> None:
+def test_dtype_auto_is_bfloat16_only_where_the_cpu_computes_it(tmp_path: Path) -> None:
     from service.engine.settings import resolve_dtype
 
-    assert resolve_dtype(Phi3MiniConfig(), cpu=True) == "float32"
+    def cpu(flags: str) -> Path:
+        path = tmp_path / f"cpuinfo-{len(flags)}"
+        path.write_text(f"processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 {flags}\n\n")
+        return path
+
+    assert resolve_dtype(Phi3MiniConfig(), cpu=True, cpuinfo=cpu("")) == "float32"  # AVX2 only
+    assert resolve_dtype(Phi3MiniConfig(), cpu=True, cpuinfo=cpu("avx512f avx512bw")) == "float32"
+    assert resolve_dtype(Phi3MiniConfig(), cpu=True, cpuinfo=cpu("avx512f avx512_bf16")) == "bfloat16"
+    assert resolve_dtype(Phi3MiniConfig(), cpu=True, cpuinfo=cpu("amx_tile amx_bf16")) == "bfloat16"
+    assert resolve_dtype(Phi3MiniConfig(dtype="float32"), cpu=True, cpuinfo=cpu("avx512_bf16")) == "float32"
     assert resolve_dtype(Phi3MiniConfig(dtype="float16"), cpu=False) == "float16"
 
 

@@ -39,7 +39,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[50], help="one or more levels, same servers")
     parser.add_argument("--max-tokens", type=int, default=20)
     args = parser.parse_args()
     config = engine_config()
@@ -47,26 +47,32 @@ def main() -> int:
     payload = work / "payload.json"
     payload.write_text(json.dumps({"prompt": "Performance test", "max_tokens": args.max_tokens}))
     servers = {"citadel": start_citadel(config, **CAPACITY), "vllm": start_vllm(config, work / "vllm.log")}
-    results: dict[str, list[dict[str, float]]] = {"citadel": [], "vllm": []}
+    results: dict[int, dict[str, list[dict[str, float]]]] = {c: {"citadel": [], "vllm": []} for c in args.concurrency}
     try:
         for server in servers.values():
             server.wait_ready()
         for server in servers.values():
-            run_ab(server.url, payload, 200, args.concurrency)  # warm-up
-        for rnd in range(args.rounds):
-            for name in (("citadel", "vllm") if rnd % 2 == 0 else ("vllm", "citadel")):
-                wait_quiet(list(servers.values()))
-                res = run_ab(servers[name].url, payload, args.requests, args.concurrency)
-                results[name].append(res)
-                print(f"round {rnd + 1} {name:8s} {res['rps']:8.1f} req/s  mean {res['mean_ms']:6.1f} ms  "
-                      f"p99 {res['p99_ms']:5.0f} ms  non-2xx {res['non2xx']:.0f}", flush=True)
+            run_ab(server.url, payload, 200, args.concurrency[0])  # warm-up
+        for concurrency in args.concurrency:
+            for rnd in range(args.rounds):
+                for name in (("citadel", "vllm") if rnd % 2 == 0 else ("vllm", "citadel")):
+                    wait_quiet(list(servers.values()))
+                    res = run_ab(servers[name].url, payload, args.requests, concurrency)
+                    results[concurrency][name].append(res)
+                    print(f"c={concurrency} round {rnd + 1} {name:8s} {res['rps']:8.1f} req/s  mean {res['mean_ms']:6.1f} ms  "
+                          f"p99 {res['p99_ms']:5.0f} ms  non-2xx {res['non2xx']:.0f}", flush=True)
+        peak = {name: server.peak_rss_mb for name, server in servers.items()}
     finally:
         for server in servers.values():
             server.stop()
-    med = {name: statistics.median(r["rps"] for r in runs) for name, runs in results.items()}
-    print(f"\nab -n {args.requests} -c {args.concurrency}, max_tokens {args.max_tokens}, median of {args.rounds} rounds: "
-          f"citadel-llm {med['citadel']:.1f} req/s, vLLM server {med['vllm']:.1f} req/s, "
-          f"ratio {med['citadel'] / med['vllm']:.2f}")
+    for concurrency, by_system in results.items():
+        med = {name: statistics.median(r["rps"] for r in runs) for name, runs in by_system.items()}
+        mean = {name: statistics.median(r["mean_ms"] for r in runs) for name, runs in by_system.items()}
+        print(f"\nab -n {args.requests} -c {concurrency}, max_tokens {args.max_tokens}, median of {args.rounds} rounds: "
+              f"citadel-llm {med['citadel']:.1f} req/s (mean {mean['citadel']:.0f} ms), vLLM server "
+              f"{med['vllm']:.1f} req/s (mean {mean['vllm']:.0f} ms), ratio {med['citadel'] / med['vllm']:.2f}")
+    print(f"peak tree RSS: citadel-llm {peak['citadel']:.0f} MB, vLLM server {peak['vllm']:.0f} MB "
+          f"({peak['citadel'] / peak['vllm']:.2f}x)")
     return 0
 
 

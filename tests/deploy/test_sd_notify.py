@@ -63,6 +63,24 @@ def test_watchdog_interval_is_half_of_watchdog_sec() -> None:
     assert watchdog_interval_s({}) is None
 
 
+def wait_for_health_status(port: int, timeout_s: float) -> int:
+    """The HTTP status of the gateway's /health once it answers at all."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nothing answers on port {port} after {timeout_s} s") from None
+            time.sleep(0.2)
+
+
 @pytest.mark.integration
 def test_gateway_is_ready_only_once_the_engine_answers(notify_socket: tuple[socket.socket, str],
                                                         service: ServiceProcess, tmp_path: Path) -> None:
@@ -73,7 +91,12 @@ def test_gateway_is_ready_only_once_the_engine_answers(notify_socket: tuple[sock
     gateway = subprocess.Popen([sys.executable, "-m", "service", "gateway"], env=env, cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        # it serves (answering /health, not ready) and keeps running: no READY is not a crash
+        status = wait_for_health_status(int(env["PHI_3_MINI_PORT"]), 30)
+        assert status == 503, status
         assert not any("READY=1" in m for m in received(sock, 3.0))
+        assert gateway.poll() is None, "the gateway exited"
+        assert wait_for_health_status(int(env["PHI_3_MINI_PORT"]), 5) == 503
     finally:
         gateway.terminate()
         gateway.wait(20)

@@ -120,10 +120,15 @@ def test_engine_sends_ready_then_watchdog_pings(notify_socket: tuple[socket.sock
     env = {**ServiceProcess().env, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000",
            "PHI_3_MINI_RUNTIME_DIR": str(tmp_path / "run")}
     env.pop("WATCHDOG_PID", None)
-    engine = subprocess.Popen([sys.executable, "-m", "service", "engine"], env=env, cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = tmp_path / "engine.log"
+    with open(log_path, "wb") as log:
+        engine = subprocess.Popen([sys.executable, "-m", "service", "engine"], env=env, cwd=ROOT,
+                                  stdout=log, stderr=subprocess.STDOUT)
     try:
-        messages = wait_for_message(sock, "READY=1", 300)
+        messages = received(sock, 300, until="READY=1")
+        assert any("READY=1" in m for m in messages), (
+            f"no READY in 300 s (engine exit code {engine.poll()}); its log ends:\n"
+            + "\n".join(log_path.read_text(errors="replace").splitlines()[-40:]))
         assert (tmp_path / "run" / "engine.sock").exists()  # READY only once it serves
         assert not any("WATCHDOG=1" in m for m in messages[:messages.index(next(m for m in messages if "READY=1" in m))])
         wait_for_message(sock, "WATCHDOG=1", 5)

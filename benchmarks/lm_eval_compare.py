@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.lm_eval_tasks import generations, loglikelihoods, run_lm_eval, write_tasks  # noqa: E402
 from benchmarks.servers import RESULTS_DIR, Server, engine_config  # noqa: E402
-from service.engine.settings import kv_cache_bytes  # noqa: E402
+from service.engine.settings import kv_cache_args  # noqa: E402
 from service.local import ROOT, ServiceProcess, demo_model_dir, free_port  # noqa: E402
 
 REAL_MODEL_DIR = ROOT / "models" / "smollm2-135m-instruct"
@@ -51,7 +51,7 @@ def start_vllm(model: Path, log_path: Path) -> Server:
             "--served-model-name", SERVED, "--dtype", "float32", "--enforce-eager",
             "--max-model-len", str(config.max_model_len), "--max-num-seqs", str(config.max_num_seqs),
             "--max-num-batched-tokens", str(config.max_num_batched_tokens),
-            "--kv-cache-memory-bytes", str(kv_cache_bytes(config, model, "float32")),
+            *[f"--{k.replace('_', '-')}={v}" for k, v in kv_cache_args(config, model, "float32").items()],
             "--host", "127.0.0.1", "--port", str(port), "--disable-log-stats", "--disable-uvicorn-access-log"]
     env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
     log = open(log_path, "wb")

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
-from service.engine.settings import cpu_memory_fraction  # noqa: E402
+from service.engine.settings import kv_cache_args  # noqa: E402
 from shared.config import Phi3MiniConfig  # noqa: E402
 from service.local import ServiceProcess, demo_model_dir, free_port  # noqa: E402
 
@@ -115,8 +115,8 @@ def start_vllm(config: Phi3MiniConfig, log_path: Path) -> Server:
             "--served-model-name", "phi-3-mini", "--dtype", "float32",
             "--max-model-len", str(config.max_model_len), "--max-num-seqs", str(config.max_num_seqs),
             "--max-num-batched-tokens", str(config.max_num_batched_tokens),
-            # the same share of memory for its EngineCore, which vLLM fills with KV cache the same way
-            "--gpu-memory-utilization", str(cpu_memory_fraction(config, model, "float32")),
+            # the same KV cache arguments as this service's engine gets
+            *[f"--{k.replace('_', '-')}={v}" for k, v in kv_cache_args(config, model, "float32").items()],
             "--host", "127.0.0.1", "--port", str(port), "--disable-log-stats", "--disable-uvicorn-access-log"]
     env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
     log = open(log_path, "wb")

@@ -94,7 +94,8 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
         log.info("engine loading", model_path=str(model.path), demo_model=model.demo,
                  dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                  max_num_batched_tokens=args.max_num_batched_tokens,
-                 memory_fraction=round(args.gpu_memory_utilization, 4), omp_threads=os.environ.get("OMP_NUM_THREADS"))
+                 kv_cache_bytes=args.kv_cache_memory_bytes, memory_fraction=round(args.gpu_memory_utilization, 4),
+                 omp_threads=os.environ.get("OMP_NUM_THREADS"))
         from service.engine.admission import Admission, Limits
         from service.engine.stats import SchedulerSnapshot
         from service.model_files import count_parameters

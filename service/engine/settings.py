@@ -28,9 +28,11 @@ OTHER_PROCESSES_BYTES = int(0.9 * GIB)
 # overload passes (issue 14), more for larger models; kept free so that load never pushes the
 # tree over memory_gb.
 LOAD_HEADROOM_BYTES = int(0.25 * GIB)
-# The EngineCore's footprint besides weights and KV cache, used only to cap the KV cache at
-# what max_num_seqs full sequences can use (the fit itself comes from vLLM's measurement).
-CORE_RUNTIME_BYTES = int(0.8 * GIB)
+# A generous allowance for the EngineCore's footprint besides weights and KV cache (measured
+# 0.74-0.98 GiB on the demo model, 0.94 GiB on SmolLM2-135M): where the wanted cache fits
+# beside it with room to spare, the cache is set to exactly what max_num_seqs full sequences
+# need, and no estimate can leave it short.
+CORE_RUNTIME_BYTES = int(1.25 * GIB)
 MIN_KV_CACHE_BYTES = 64 << 20
 
 
@@ -93,17 +95,12 @@ class KvPlan:
     weights: int  # as loaded, in the serving dtype
 
     def engine_core_budget(self, config: Phi3MiniConfig) -> int:
-        """The EngineCore's share of memory_gb (weights, runtime and KV cache), at most what
-        the wanted cache needs beside them. vLLM fills it: the KV cache gets the budget less
-        the EngineCore's resident memory as it measures it after loading and warm-up."""
-        fits = int(config.memory_gb * GIB) - OTHER_PROCESSES_BYTES - LOAD_HEADROOM_BYTES
-        needs = CORE_RUNTIME_BYTES + self.weights + max(self.wanted, MIN_KV_CACHE_BYTES)
-        return min(fits, needs)
+        """The EngineCore's share of memory_gb: weights, runtime and KV cache."""
+        return int(config.memory_gb * GIB) - OTHER_PROCESSES_BYTES - LOAD_HEADROOM_BYTES
 
-    def estimate(self, config: Phi3MiniConfig) -> int:
-        """The KV cache vLLM will make from the budget, estimated before loading (the figure
-        for a peer server that must get the same cache)."""
-        return max(self.engine_core_budget(config) - CORE_RUNTIME_BYTES - self.weights, MIN_KV_CACHE_BYTES)
+    def fits_with_room(self, config: Phi3MiniConfig) -> bool:
+        """Whether the wanted cache fits in the budget beside the weights and a generous runtime."""
+        return CORE_RUNTIME_BYTES + self.weights + max(self.wanted, MIN_KV_CACHE_BYTES) <= self.engine_core_budget(config)
 
 
 def kv_plan(config: Phi3MiniConfig, model_dir: Path, dtype: str) -> KvPlan:
@@ -122,26 +119,22 @@ def kv_plan(config: Phi3MiniConfig, model_dir: Path, dtype: str) -> KvPlan:
                   weights * elem // saved_elem)
 
 
-def kv_cache_bytes(config: Phi3MiniConfig, model_dir: Path, dtype: str) -> int:
-    """The KV cache this instance will have, estimated before loading."""
-    return kv_plan(config, model_dir, dtype).estimate(config)
+def kv_cache_args(config: Phi3MiniConfig, model_dir: Path, dtype: str) -> dict[str, Any]:
+    """vLLM's KV cache arguments on a CPU host, within memory_gb.
 
-
-def cpu_memory_fraction(config: Phi3MiniConfig, model_dir: Path, dtype: str) -> float:
-    """vLLM's gpu_memory_utilization on a CPU host: the fraction of the memory node that the
-    EngineCore may hold. vLLM subtracts what the EngineCore measures resident after loading
-    the weights and warming up, and makes the KV cache of the rest, so the fit holds for any
-    model, whatever its runtime costs."""
+    Room to spare: exactly the cache max_num_seqs full sequences want (`kv_cache_memory_bytes`).
+    Tight (a larger model, a smaller memory_gb): the EngineCore's whole budget as vLLM's
+    `gpu_memory_utilization` (a fraction of host memory on CPU); vLLM loads the weights, warms
+    up, measures its own resident memory and makes the cache of the rest, so the fit holds
+    whatever the model's runtime costs. A budget the model itself does not fit in stops the
+    start (vLLM refuses it; the engine exits 2)."""
+    plan = kv_plan(config, model_dir, dtype)
+    if plan.fits_with_room(config):
+        return {"kv_cache_memory_bytes": max(plan.wanted, MIN_KV_CACHE_BYTES)}
     from vllm.utils.cpu_resource_utils import get_memory_node_info
 
-    plan = kv_plan(config, model_dir, dtype)
-    budget = plan.engine_core_budget(config)
-    if budget - CORE_RUNTIME_BYTES - plan.weights < config.max_model_len * plan.per_token:
-        log.warning("memory_gb leaves little or no room for the KV cache of one full sequence",
-                    memory_gb=config.memory_gb, weights_bytes=plan.weights,
-                    engine_core_budget_bytes=budget)
     total = get_memory_node_info(_memory_node()).total_memory
-    return min(budget / total, 1.0)
+    return {"gpu_memory_utilization": min(plan.engine_core_budget(config) / total, 1.0)}
 
 
 def _memory_node() -> int:
@@ -221,7 +214,7 @@ def engine_args(config: Phi3MiniConfig, model: ModelChoice, cpu: bool) -> Any:
     )
     if cpu:
         if config.memory_optimization:
-            kwargs["gpu_memory_utilization"] = cpu_memory_fraction(config, model.path, dtype)
+            kwargs.update(kv_cache_args(config, model.path, dtype))
         else:
             kwargs["gpu_memory_utilization"] = 0.1
     else:

@@ -16,7 +16,7 @@ def optimization_settings(c: Phi3MiniConfig) -> dict[str, Any]:
                     else "off: the limits stay at the configured ceilings; the orchestrator only observes",
         "memory_optimization": {
             "enabled": c.memory_optimization,
-            "effect": (f"KV cache: what vLLM measures free of memory_gb={c.memory_gb:g} after loading"
+            "effect": (f"KV cache sized to fit memory_gb={c.memory_gb:g} (vLLM's measurement where it is tight)"
                        if c.memory_optimization else "KV cache sized by vLLM's gpu_memory_utilization rule"),
         },
         "cpu_optimization": {

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,9 +23,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.lm_eval_tasks import generations, loglikelihoods, run_lm_eval, write_tasks  # noqa: E402
+from benchmarks import servers  # noqa: E402
 from benchmarks.servers import RESULTS_DIR, Server, engine_config  # noqa: E402
-from service.engine.settings import kv_cache_args  # noqa: E402
-from service.local import ROOT, ServiceProcess, demo_model_dir, free_port  # noqa: E402
+from service.local import ROOT, ServiceProcess, demo_model_dir  # noqa: E402
 
 REAL_MODEL_DIR = ROOT / "models" / "smollm2-135m-instruct"
 SERVED = "model"
@@ -45,27 +42,7 @@ def start_citadel(model: Path) -> Server:
 
 
 def start_vllm(model: Path, log_path: Path) -> Server:
-    config = engine_config()
-    port = free_port()
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--served-model-name", SERVED, "--dtype", "float32", "--enforce-eager",
-            "--max-model-len", str(config.max_model_len), "--max-num-seqs", str(config.max_num_seqs),
-            "--max-num-batched-tokens", str(config.max_num_batched_tokens),
-            *[f"--{k.replace('_', '-')}={v}" for k, v in kv_cache_args(config, model, "float32").items()],
-            "--host", "127.0.0.1", "--port", str(port), "--disable-log-stats", "--disable-uvicorn-access-log"]
-    env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-
-    def stop() -> None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-    return Server("vllm", f"http://127.0.0.1:{port}", proc, stop)
+    return servers.start_vllm(engine_config(), log_path, model=model, served=SERVED, extra=("--enforce-eager",))
 
 
 def evaluate(server: Server, model: Path, tasks: Path, out: Path) -> dict[str, Any]:

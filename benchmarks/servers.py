@@ -108,11 +108,14 @@ def start_citadel(config: Phi3MiniConfig, name: str = "citadel", **settings: str
     return server
 
 
-def start_vllm(config: Phi3MiniConfig, log_path: Path) -> Server:
-    model = bench_model()
+def start_vllm(config: Phi3MiniConfig, log_path: Path, model: Path | None = None, served: str = "phi-3-mini",
+               extra: tuple[str, ...] = ()) -> Server:
+    """vLLM's own server on `model` (default: bench_model()) with the engine settings of
+    `config` and this service's KV cache arguments; `extra` are more of its flags."""
+    model = model or bench_model()
     port = free_port()
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--served-model-name", "phi-3-mini", "--dtype", "float32",
+            "--served-model-name", served, "--dtype", "float32", *extra,
             "--max-model-len", str(config.max_model_len), "--max-num-seqs", str(config.max_num_seqs),
             "--max-num-batched-tokens", str(config.max_num_batched_tokens),
             # the same KV cache arguments as this service's engine gets

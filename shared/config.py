@@ -67,6 +67,9 @@ class Phi3MiniConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_throughput_rps: PositiveFloat = 100.0  # the rate the latency steering keeps room for (not a cap)
     memory_optimization: bool = True
     cpu_optimization: bool = True
+    # OpenMP threads of the engine's forward pass; 0 = cpu_cores - 1 (one core left to the
+    # gateway, tokenizer and scheduler); at most cpu_cores
+    engine_threads: NonNegative = 0
     # -- performance
     max_num_batched_tokens: Positive = 1024
     max_num_seqs: Positive = 32
@@ -124,7 +127,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     ),
     "efficiency": (
         "efficiency_mode", "memory_gb", "cpu_cores", "max_throughput_rps",
-        "memory_optimization", "cpu_optimization",
+        "memory_optimization", "cpu_optimization", "engine_threads",
     ),
     "performance": (
         "max_num_batched_tokens", "max_num_seqs", "target_latency_ms",

@@ -21,7 +21,8 @@ def optimization_settings(c: Phi3MiniConfig) -> dict[str, Any]:
         },
         "cpu_optimization": {
             "enabled": c.cpu_optimization,
-            "effect": (f"engine threads bound to {max(c.cpu_cores - 1, 1)} of the {c.cpu_cores} allotted cores"
+            "effect": (f"engine threads bound to {min(c.engine_threads, c.cpu_cores) or max(c.cpu_cores - 1, 1)} "
+                       f"of the {c.cpu_cores} allotted cores"
                        if c.cpu_optimization else "engine threads left to the OS scheduler"),
         },
         "max_throughput_rps": {

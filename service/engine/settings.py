@@ -146,11 +146,11 @@ def _memory_node() -> int:
 
 
 def engine_cpu_list(config: Phi3MiniConfig) -> list[int]:
-    """CPUs for the engine's OpenMP threads: cpu_cores of the allowed ones, leaving one
-    for the gateway and scheduler when there are two or more."""
+    """CPUs for the engine's OpenMP threads: engine_threads of the first cpu_cores allowed
+    ones, by default all but one (left to the gateway and scheduler) when there are two or more."""
     allowed = sorted(_ALLOWED_AT_START)  # as the process started, before any OpenMP binding
     cores = min(config.cpu_cores, len(allowed))
-    threads = max(1, cores - 1)
+    threads = min(config.engine_threads, cores) if config.engine_threads else max(1, cores - 1)
     return allowed[cores - threads : cores]
 
 

@@ -26,6 +26,8 @@ from shared.logging import bind_request_id, get_logger
 log = get_logger(__name__)
 _debug = False  # set by the worker's main when log_level is DEBUG
 
+# Above this share of one core, an EngineCore without output is computing (a long step), not stuck.
+BUSY_CORES = 0.05
 INLINE_TOKENIZE_CHARS = 8192  # texts up to this are tokenized on the loop (~0.1 ms); longer ones on a thread
 _FINISH = {"stop": p.FinishReason.STOP, "length": p.FinishReason.LENGTH, "abort": p.FinishReason.ABORT}
 
@@ -81,6 +83,7 @@ class EngineServer:
         self.counters = Counters()
         self.dead = asyncio.Event()  # set when the engine core has died
         self.last_output = time.monotonic()  # when the engine last produced anything
+        self._progress_seen = (self.last_output, 0.0)  # (when, EngineCore CPU seconds) at making_progress
         self._tasks: set[asyncio.Task[None]] = set()
         self.tokenizing = 0  # tokenize and detokenize calls in flight
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
@@ -95,9 +98,14 @@ class EngineServer:
         return len(self._tasks)
 
     def making_progress(self, stall_s: float) -> bool:
-        """Idle, or some output within the last stall_s seconds."""
+        """Idle, some output within the last stall_s seconds, or the EngineCore computing
+        since the last call (one prefill step of a larger model can outlast stall_s)."""
+        now, cpu_s = time.monotonic(), _children_cpu_s()
+        since, used = self._progress_seen
+        self._progress_seen = (now, cpu_s)
         last = max(self.last_output, self.scheduler.last_step)
-        return not self._tasks or time.monotonic() - last < stall_s
+        computing = (cpu_s - used) / max(now - since, 1e-3) >= BUSY_CORES
+        return not self._tasks or now - last < stall_s or computing
 
     def connection(self) -> EngineConnection:
         return EngineConnection(self, next(self._conn_ids))

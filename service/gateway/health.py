@@ -3,10 +3,12 @@ answer, and either make engine steps for the requests it holds or, when idle, ge
 token for the probe itself. Two failed probes in a row mark the engine stalled: /health says
 so, waiting requests get 503, and new ones are refused until a probe succeeds again.
 
-No output for a while is a stall only if the EngineCore is not computing either: one step
-of a long prefill on a larger model or a busy 2-core host can take tens of seconds (a burst
-of 1,000-token prompts on a 30-layer model did), and failing those requests would be wrong.
-A stopped, deadlocked or starved EngineCore uses no CPU."""
+No output for a while, or a probe answered late, is a stall only if the EngineCore is not
+computing either: one step of a long prefill on a larger model or a busy 2-core host can take
+tens of seconds (a burst of 1,000-token prompts on a 30-layer model did), a probe sent as a
+burst arrives waits behind its prompts (a burst of 50 on the same model took 6 s), and failing
+those requests would be wrong. A stopped, deadlocked or starved EngineCore uses no CPU; a
+worker that does not answer at all is stalled whatever its EngineCore does."""
 
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ class HealthMonitor:
             stats = await self.client.stats(self.timeout_s)
             computing = self._computing(stats.engine_cpu_s)
             if stats.in_flight == 0:
-                await self.client.complete([PROBE_PROMPT], PROBE_PARAMS, "health-probe", self.timeout_s, probe=True)
+                await self._probe_request(stats.engine_cpu_s)
             elif stats.seconds_since_output > 2 * self.interval_s and not computing:
                 return (f"no output for {stats.seconds_since_output:.1f} s with {stats.in_flight} requests in "
                         "flight, and the EngineCore not computing")
@@ -66,6 +68,21 @@ class HealthMonitor:
         except RequestFailed as exc:  # the probe is never refused (protocol.Generate.probe)
             return f"probe failed: {exc}"
         return None
+
+    async def _probe_request(self, cpu_s: float) -> None:
+        """One token for the probe. Requests that arrive with it (a burst) queue it behind their
+        prompts, and on a larger model or a busy host that takes longer than the timeout: a
+        late answer while the EngineCore computed all along is a busy engine, not a stall."""
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        try:
+            await self.client.complete([PROBE_PROMPT], PROBE_PARAMS, "health-probe", self.timeout_s, probe=True)
+        except (TimeoutError, DeadlineExceeded):
+            after = await self.client.stats(self.timeout_s)  # no answer to this either: stalled
+            if (after.engine_cpu_s - cpu_s) / max(loop.time() - sent, 1e-3) < BUSY_CORES:
+                raise
+            log.info("engine busy: the probe waited behind other work", waited_s=round(loop.time() - sent, 1),
+                     in_flight=after.in_flight)
 
     def _computing(self, cpu_s: float) -> bool:
         """Whether the EngineCore used CPU over the last probe interval. A probe that follows

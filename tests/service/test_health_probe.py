@@ -1,0 +1,72 @@
+"""The gateway's progress probe decides stalled or not: pure logic over a pretend engine client
+(the real engine's stalls are in tests/integration/test_processes.py).
+
+Found on the real model with vLLM's server beside it: a probe sent just as a burst of 50
+requests arrived queued behind their prompts, answered after more than the 5 s timeout twice,
+and the engine was marked stalled: the burst's 100 requests got 503 while the EngineCore was
+computing them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from service.gateway.health import HealthMonitor
+from shared import protocol as p
+
+
+class PretendClient:
+    """Answers stats at once; the probe's token comes after `probe_s`; the EngineCore's CPU
+    clock runs at `cores` (0: stopped) in real time."""
+
+    ready = True
+
+    def __init__(self, probe_s: float, cores: float) -> None:
+        self.probe_s, self.cores = probe_s, cores
+        self.started = time.monotonic()
+        self.failed: list[Exception] = []
+
+    async def stats(self, timeout_s: float) -> p.EngineStats:
+        return p.EngineStats(rid=0, running=0, waiting=0, kv_cache_usage=0.0, max_num_seqs=32,
+                             max_num_batched_tokens=1024, in_flight=0, prompt_tokens_total=0,
+                             generation_tokens_total=0, requests_finished_total=0,
+                             engine_cpu_s=(time.monotonic() - self.started) * self.cores)
+
+    async def complete(self, prompts, params, request_id, timeout_s, probe=False):  # type: ignore[no-untyped-def]
+        if self.probe_s > timeout_s:
+            await asyncio.sleep(timeout_s)
+            raise TimeoutError
+        await asyncio.sleep(self.probe_s)
+        return []
+
+    def fail_in_flight(self, exc: Exception) -> None:
+        self.failed.append(exc)
+
+
+async def test_a_late_probe_answer_while_the_engine_core_computes_is_not_a_stall() -> None:
+    monitor = HealthMonitor(PretendClient(probe_s=10.0, cores=1.0), interval_s=0.4)  # type: ignore[arg-type]
+    assert await monitor.probe() is None
+
+
+async def test_a_late_probe_answer_with_the_engine_core_idle_is_a_stall() -> None:
+    monitor = HealthMonitor(PretendClient(probe_s=10.0, cores=0.0), interval_s=0.4)  # type: ignore[arg-type]
+    assert await monitor.probe() == "no answer within 0.5 s"
+
+
+async def test_a_prompt_answer_is_progress() -> None:
+    monitor = HealthMonitor(PretendClient(probe_s=0.01, cores=0.0), interval_s=0.4)  # type: ignore[arg-type]
+    assert await monitor.probe() is None
+
+
+async def test_the_monitor_marks_a_stall_and_fails_what_is_in_flight() -> None:
+    client = PretendClient(probe_s=10.0, cores=0.0)
+    monitor = HealthMonitor(client, interval_s=0.4)  # type: ignore[arg-type]
+    await monitor.start()
+    try:
+        deadline = time.monotonic() + 5.0
+        while not monitor.stalled and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        await monitor.close()
+    assert monitor.stalled and not monitor.healthy
+    assert len(client.failed) == 1 and "stalled" in str(client.failed[0])

@@ -7,6 +7,8 @@ DEMO_MODEL := models/demo
 export PHI_3_MINI_DEMO_MODEL_DIR ?= $(CURDIR)/$(DEMO_MODEL)
 
 .PHONY: install serve test test-unit bench tools demo-model real-model clean
+# goodput's end-to-end SLO on the real model (64-token answers; set from its measured c=1 latency)
+REAL_MODEL_SLO_MS ?= 4000
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -75,13 +77,24 @@ test-unit: install
 test-fleet: install demo-model tools
 	$(PY) -m pytest -m fleet tests/integration/test_fleet.py
 
-bench: install demo-model tools
+bench: install demo-model real-model tools
 	$(PY) -m pip install -q -e '.[cpu,test,bench]'
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	$(PY) benchmarks/ab_compare.py --rounds 3
 	$(PY) benchmarks/compare.py --rounds 5
 	$(PY) benchmarks/spec_checks.py
 	$(PY) benchmarks/goodput.py --rounds 3
+	@# the real model (SmolLM2-135M-Instruct), both systems compiled, then both eager
+	$(PY) benchmarks/real_model.py --rounds 3
+	$(PY) benchmarks/real_model.py --rounds 3 --enforce-eager
+	CITADEL_BENCH_MODEL=$(REAL_MODEL) $(PY) benchmarks/goodput.py --rounds 3 --static 32 \
+	  --slo-ms $(REAL_MODEL_SLO_MS) --out goodput_real_model.json
+	CITADEL_BENCH_MODEL=$(REAL_MODEL) $(PY) benchmarks/loadgen_check.py --rounds 1 --out loadgen_check_real_model.json
+
+# True-size Phi-3-mini (random weights, 7.6 GB in bfloat16), one system at a time: over an hour here.
+.PHONY: bench-full
+bench-full: install tools
+	$(PY) benchmarks/full_size.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_MODEL) $(REAL_MODEL) $(REAL_MODEL_CACHE) *.egg-info

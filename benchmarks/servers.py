@@ -3,6 +3,7 @@ this service (`citadel-llm serve`) and vLLM's own OpenAI server."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from collections.abc import Callable
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -29,7 +31,8 @@ class Server:
 
     def __init__(self, name: str, url: str, proc: subprocess.Popen[bytes], stop: object) -> None:
         self.name, self.url, self.proc, self._stop = name, url, proc, stop
-        self.ready_s = 0.0
+        self.ready_s = 0.0  # from this object's making (just after the process's start) to /health 200
+        self._started = time.monotonic()
         self.metrics_url = ""  # where the system serves Prometheus metrics, if it is known
         self.peak_rss_mb = 0.0
         self._sampling = threading.Event()
@@ -60,7 +63,7 @@ class Server:
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
                     if resp.status == 200:
-                        self.ready_s = time.monotonic() - started
+                        self.ready_s = time.monotonic() - self._started
                         self._thread.start()
                         return
             except OSError:
@@ -109,17 +112,17 @@ def start_citadel(config: Phi3MiniConfig, name: str = "citadel", **settings: str
 
 
 def start_vllm(config: Phi3MiniConfig, log_path: Path, model: Path | None = None, served: str = "phi-3-mini",
-               extra: tuple[str, ...] = ()) -> Server:
-    """vLLM's own server on `model` (default: bench_model()) with the engine settings of
-    `config` and this service's KV cache arguments; `extra` are more of its flags."""
+               extra: tuple[str, ...] = (), dtype: str = "float32") -> Server:
+    """vLLM's own server on `model` (default: bench_model()) in `dtype` with the engine settings
+    of `config` and this service's KV cache arguments; `extra` are more of its flags."""
     model = model or bench_model()
     port = free_port()
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--served-model-name", served, "--dtype", "float32", *extra,
+            "--served-model-name", served, "--dtype", dtype, *extra,
             "--max-model-len", str(config.max_model_len), "--max-num-seqs", str(config.max_num_seqs),
             "--max-num-batched-tokens", str(config.max_num_batched_tokens),
             # the same KV cache arguments as this service's engine gets
-            *[f"--{k.replace('_', '-')}={v}" for k, v in kv_cache_args(config, model, "float32").items()],
+            *[f"--{k.replace('_', '-')}={v}" for k, v in kv_cache_args(config, model, dtype).items()],
             "--host", "127.0.0.1", "--port", str(port), "--disable-log-stats", "--disable-uvicorn-access-log"]
     env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
     log = open(log_path, "wb")
@@ -150,3 +153,12 @@ def wait_quiet(servers: list[Server], max_cores: float = 0.1, window_s: float = 
         if all((a - b) / window_s < max_cores for a, b in zip(after, before)):
             break
     return time.monotonic() - started
+
+
+def write_result(name: str, report: dict[str, Any]) -> Path:
+    """A benchmark's report as JSON under benchmarks/results (not committed); prints where."""
+    out = RESULTS_DIR / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}")
+    return out

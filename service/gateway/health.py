@@ -7,13 +7,17 @@ No output for a while, or a probe answered late, is a stall only if the EngineCo
 computing either: one step of a long prefill on a larger model or a busy 2-core host can take
 tens of seconds (a burst of 1,000-token prompts on a 30-layer model did), a probe sent as a
 burst arrives waits behind its prompts (a burst of 50 on the same model took 6 s), and failing
-those requests would be wrong. A stopped, deadlocked or starved EngineCore uses no CPU; a
-worker that does not answer at all is stalled whatever its EngineCore does."""
+those requests would be wrong; nor is a worker that answers late while feeding a full batch
+on a busy host. A stopped, deadlocked or starved EngineCore uses no CPU, and it computes only
+what the worker gave it: no answer while it computes is a busy engine, without is a stall."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
+
+import psutil
 
 from shared.engine_client import DeadlineExceeded, EngineClient, EngineUnavailable, RequestFailed
 from shared import protocol as p
@@ -28,8 +32,21 @@ BUSY_CORES = 0.05
 
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds (user + system) of these processes, read from /proc by this one."""
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
 class HealthMonitor:
-    def __init__(self, client: EngineClient, interval_s: float) -> None:
+    def __init__(self, client: EngineClient, interval_s: float,
+                 core_cpu_s: Callable[[list[int]], float] = cpu_seconds) -> None:
         self.client = client
         self.interval_s = interval_s
         self.timeout_s = min(max(interval_s / 2, 0.5), 5.0)
@@ -37,6 +54,8 @@ class HealthMonitor:
         self._task: asyncio.Task[None] | None = None
         self._cpu_seen: tuple[float, float] | None = None  # (loop time, EngineCore CPU seconds) at a probe
         self._busy = True  # the EngineCore's CPU use over the last probe interval was above BUSY_CORES
+        self._core_cpu_s = core_cpu_s
+        self._core_pids: list[int] = []  # the EngineCore's, from the last stats the worker answered
 
     @property
     def healthy(self) -> bool:
@@ -53,36 +72,30 @@ class HealthMonitor:
 
     async def probe(self) -> str | None:
         """None when the engine makes progress, else why not."""
+        sent, cpu_before = asyncio.get_running_loop().time(), self._core_cpu_s(self._core_pids)
         try:
             stats = await self.client.stats(self.timeout_s)
+            self._core_pids = stats.engine_core_pids
             computing = self._computing(stats.engine_cpu_s)
             if stats.in_flight == 0:
-                await self._probe_request(stats.engine_cpu_s)
+                await self.client.complete([PROBE_PROMPT], PROBE_PARAMS, "health-probe", self.timeout_s, probe=True)
             elif stats.seconds_since_output > 2 * self.interval_s and not computing:
                 return (f"no output for {stats.seconds_since_output:.1f} s with {stats.in_flight} requests in "
                         "flight, and the EngineCore not computing")
         except EngineUnavailable:
             return None  # not connected: reported as loading/unavailable already
         except (TimeoutError, DeadlineExceeded):
+            # A probe sent as a burst arrives waits behind its prompts, and a worker feeding a
+            # full batch on a busy host answers late: neither is a stall while the EngineCore
+            # computes (it only computes what the worker gave it).
+            waited = asyncio.get_running_loop().time() - sent
+            if (self._core_cpu_s(self._core_pids) - cpu_before) / max(waited, 1e-3) >= BUSY_CORES:
+                log.info("engine busy: probe answered late while the EngineCore computes", waited_s=round(waited, 1))
+                return None
             return f"no answer within {self.timeout_s:g} s"
         except RequestFailed as exc:  # the probe is never refused (protocol.Generate.probe)
             return f"probe failed: {exc}"
         return None
-
-    async def _probe_request(self, cpu_s: float) -> None:
-        """One token for the probe. Requests that arrive with it (a burst) queue it behind their
-        prompts, and on a larger model or a busy host that takes longer than the timeout: a
-        late answer while the EngineCore computed all along is a busy engine, not a stall."""
-        loop = asyncio.get_running_loop()
-        sent = loop.time()
-        try:
-            await self.client.complete([PROBE_PROMPT], PROBE_PARAMS, "health-probe", self.timeout_s, probe=True)
-        except (TimeoutError, DeadlineExceeded):
-            after = await self.client.stats(self.timeout_s)  # no answer to this either: stalled
-            if (after.engine_cpu_s - cpu_s) / max(loop.time() - sent, 1e-3) < BUSY_CORES:
-                raise
-            log.info("engine busy: the probe waited behind other work", waited_s=round(loop.time() - sent, 1),
-                     in_flight=after.in_flight)
 
     def _computing(self, cpu_s: float) -> bool:
         """Whether the EngineCore used CPU over the last probe interval. A probe that follows

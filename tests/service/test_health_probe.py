@@ -15,22 +15,31 @@ from service.gateway.health import HealthMonitor
 from shared import protocol as p
 
 
+CORE_PID = 4242
+
+
 class PretendClient:
-    """Answers stats at once; the probe's token comes after `probe_s`; the EngineCore's CPU
-    clock runs at `cores` (0: stopped) in real time."""
+    """Answers stats after `stats_s`; the probe's token comes after `probe_s`; the EngineCore's
+    CPU clock runs at `cores` (0: stopped) in real time."""
 
     ready = True
 
-    def __init__(self, probe_s: float, cores: float) -> None:
-        self.probe_s, self.cores = probe_s, cores
+    def __init__(self, probe_s: float, cores: float, stats_s: float = 0.0) -> None:
+        self.probe_s, self.cores, self.stats_s = probe_s, cores, stats_s
         self.started = time.monotonic()
         self.failed: list[Exception] = []
 
+    def core_cpu_s(self, pids: list[int]) -> float:
+        return (time.monotonic() - self.started) * self.cores if CORE_PID in pids else 0.0
+
     async def stats(self, timeout_s: float) -> p.EngineStats:
+        if self.stats_s > timeout_s:
+            await asyncio.sleep(timeout_s)
+            raise TimeoutError
         return p.EngineStats(rid=0, running=0, waiting=0, kv_cache_usage=0.0, max_num_seqs=32,
                              max_num_batched_tokens=1024, in_flight=0, prompt_tokens_total=0,
                              generation_tokens_total=0, requests_finished_total=0,
-                             engine_cpu_s=(time.monotonic() - self.started) * self.cores)
+                             engine_core_pids=[CORE_PID], engine_cpu_s=self.core_cpu_s([CORE_PID]))
 
     async def complete(self, prompts, params, request_id, timeout_s, probe=False):  # type: ignore[no-untyped-def]
         if self.probe_s > timeout_s:
@@ -43,24 +52,41 @@ class PretendClient:
         self.failed.append(exc)
 
 
+def _monitor(client: PretendClient) -> HealthMonitor:
+    return HealthMonitor(client, interval_s=0.4, core_cpu_s=client.core_cpu_s)  # type: ignore[arg-type]
+
+
 async def test_a_late_probe_answer_while_the_engine_core_computes_is_not_a_stall() -> None:
-    monitor = HealthMonitor(PretendClient(probe_s=10.0, cores=1.0), interval_s=0.4)  # type: ignore[arg-type]
-    assert await monitor.probe() is None
+    assert await _monitor(PretendClient(probe_s=10.0, cores=1.0)).probe() is None
 
 
 async def test_a_late_probe_answer_with_the_engine_core_idle_is_a_stall() -> None:
-    monitor = HealthMonitor(PretendClient(probe_s=10.0, cores=0.0), interval_s=0.4)  # type: ignore[arg-type]
+    assert await _monitor(PretendClient(probe_s=10.0, cores=0.0)).probe() == "no answer within 0.5 s"
+
+
+async def test_late_stats_while_the_engine_core_computes_are_a_busy_worker() -> None:
+    client = PretendClient(probe_s=0.01, cores=1.0)
+    monitor = _monitor(client)
+    assert await monitor.probe() is None  # learns the EngineCore's pid
+    client.stats_s = 10.0
+    assert await monitor.probe() is None
+
+
+async def test_late_stats_with_the_engine_core_idle_are_a_stall() -> None:
+    client = PretendClient(probe_s=0.01, cores=0.0)
+    monitor = _monitor(client)
+    assert await monitor.probe() is None
+    client.stats_s = 10.0
     assert await monitor.probe() == "no answer within 0.5 s"
 
 
 async def test_a_prompt_answer_is_progress() -> None:
-    monitor = HealthMonitor(PretendClient(probe_s=0.01, cores=0.0), interval_s=0.4)  # type: ignore[arg-type]
-    assert await monitor.probe() is None
+    assert await _monitor(PretendClient(probe_s=0.01, cores=0.0)).probe() is None
 
 
 async def test_the_monitor_marks_a_stall_and_fails_what_is_in_flight() -> None:
     client = PretendClient(probe_s=10.0, cores=0.0)
-    monitor = HealthMonitor(client, interval_s=0.4)  # type: ignore[arg-type]
+    monitor = _monitor(client)
     await monitor.start()
     try:
         deadline = time.monotonic() + 5.0

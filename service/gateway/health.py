@@ -72,7 +72,8 @@ class HealthMonitor:
 
     async def probe(self) -> str | None:
         """None when the engine makes progress, else why not."""
-        sent, cpu_before = asyncio.get_running_loop().time(), self._core_cpu_s(self._core_pids)
+        pids = self._core_pids  # measured before and after with the same pids (an engine restart changes them)
+        sent, cpu_before = asyncio.get_running_loop().time(), self._core_cpu_s(pids)
         try:
             stats = await self.client.stats(self.timeout_s)
             self._core_pids = stats.engine_core_pids
@@ -89,7 +90,7 @@ class HealthMonitor:
             # full batch on a busy host answers late: neither is a stall while the EngineCore
             # computes (it only computes what the worker gave it).
             waited = asyncio.get_running_loop().time() - sent
-            if (self._core_cpu_s(self._core_pids) - cpu_before) / max(waited, 1e-3) >= BUSY_CORES:
+            if (self._core_cpu_s(pids) - cpu_before) / max(waited, 1e-3) >= BUSY_CORES:
                 log.info("engine busy: probe answered late while the EngineCore computes", waited_s=round(waited, 1))
                 return None
             return f"no answer within {self.timeout_s:g} s"

@@ -57,7 +57,17 @@ def _monitor(client: PretendClient) -> HealthMonitor:
 
 
 async def test_a_late_probe_answer_while_the_engine_core_computes_is_not_a_stall() -> None:
-    assert await _monitor(PretendClient(probe_s=10.0, cores=1.0)).probe() is None
+    client = PretendClient(probe_s=0.01, cores=1.0)
+    monitor = _monitor(client)
+    assert await monitor.probe() is None  # learns the EngineCore's pid
+    client.probe_s = 10.0
+    assert await monitor.probe() is None
+
+
+async def test_a_first_late_probe_has_no_evidence_of_computing() -> None:
+    """Before the worker has named its EngineCore (or after a restart renamed it), a late
+    answer is not excused by CPU the monitor could not measure over the probe."""
+    assert await _monitor(PretendClient(probe_s=10.0, cores=1.0)).probe() == "no answer within 0.5 s"
 
 
 async def test_a_late_probe_answer_with_the_engine_core_idle_is_a_stall() -> None:

@@ -105,6 +105,12 @@ class ServiceProcess:
                     found[role] = child
         return found
 
+    def replaced(self, role: str, old: psutil.Process) -> bool:
+        """A process of this role runs, and it is not `old` (one look at the tree: the role
+        can vanish between two looks while serve restarts it)."""
+        now = self.children().get(role)
+        return now is not None and now.pid != old.pid
+
     def tree(self) -> list[psutil.Process]:
         assert self.proc is not None
         root = psutil.Process(self.proc.pid)

@@ -197,8 +197,7 @@ def test_limits_outlive_the_orchestrator_and_a_new_one_reconnects(steered: Servi
         assert complete_ok(steered)
     finally:
         orchestrator.kill()
-    wait_for(lambda: steered.children().get("orchestrator") is not None
-             and steered.children()["orchestrator"].pid != orchestrator.pid, 20, "a new orchestrator")
+    wait_for(lambda: steered.replaced("orchestrator", orchestrator), 20, "a new orchestrator")
     wait_for(lambda: (efficiency(steered)["orchestrator"] or {}).get("engine_pid") == engine.pid
              and efficiency(steered)["orchestrator"]["report_age_s"] < 2, 20, "the new one to reach the engine")
     # …and to steer it: the engine is quiet, so the limit goes back up to its ceiling

@@ -148,8 +148,7 @@ def orchestrator_engine_pid(svc: ServiceProcess) -> int | None:
 def test_gateway_killed_is_restarted(own_service: ServiceProcess) -> None:
     gateway = own_service.children()["gateway"]
     gateway.send_signal(signal.SIGKILL)
-    wait_for(lambda: own_service.children().get("gateway") is not None
-             and own_service.children()["gateway"].pid != gateway.pid, 20, "a new gateway")
+    wait_for(lambda: own_service.replaced("gateway", gateway), 20, "a new gateway")
     own_service.wait_healthy(60)
     assert complete(own_service)["choices"]
 
@@ -158,8 +157,7 @@ def test_orchestrator_killed_is_restarted_without_disturbing_serving(own_service
     orchestrator = own_service.children()["orchestrator"]
     orchestrator.send_signal(signal.SIGKILL)
     assert complete(own_service)["choices"]
-    wait_for(lambda: own_service.children().get("orchestrator") is not None
-             and own_service.children()["orchestrator"].pid != orchestrator.pid, 20, "a new orchestrator")
+    wait_for(lambda: own_service.replaced("orchestrator", orchestrator), 20, "a new orchestrator")
 
 
 def post(svc: ServiceProcess, body: dict, timeout_s: float = 30) -> tuple[int, dict]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from service.gateway.health import HealthMonitor
 from shared import protocol as p
 
@@ -56,38 +58,21 @@ def _monitor(client: PretendClient) -> HealthMonitor:
     return HealthMonitor(client, interval_s=0.4, core_cpu_s=client.core_cpu_s)  # type: ignore[arg-type]
 
 
-async def test_a_late_probe_answer_while_the_engine_core_computes_is_not_a_stall() -> None:
-    client = PretendClient(probe_s=0.01, cores=1.0)
+@pytest.mark.parametrize("late", ["probe_s", "stats_s"])  # the probe's token, or the worker's stats
+@pytest.mark.parametrize(("cores", "verdict"), [(1.0, None), (0.0, "no answer within 0.5 s")])
+async def test_a_late_answer_is_a_stall_only_without_the_engine_core_computing(
+        late: str, cores: float, verdict: str | None) -> None:
+    client = PretendClient(probe_s=0.01, cores=cores)
     monitor = _monitor(client)
-    assert await monitor.probe() is None  # learns the EngineCore's pid
-    client.probe_s = 10.0
-    assert await monitor.probe() is None
+    assert await monitor.probe() is None  # answered in time: learns the EngineCore's pid
+    setattr(client, late, 10.0)
+    assert await monitor.probe() == verdict
 
 
 async def test_a_first_late_probe_has_no_evidence_of_computing() -> None:
     """Before the worker has named its EngineCore (or after a restart renamed it), a late
     answer is not excused by CPU the monitor could not measure over the probe."""
     assert await _monitor(PretendClient(probe_s=10.0, cores=1.0)).probe() == "no answer within 0.5 s"
-
-
-async def test_a_late_probe_answer_with_the_engine_core_idle_is_a_stall() -> None:
-    assert await _monitor(PretendClient(probe_s=10.0, cores=0.0)).probe() == "no answer within 0.5 s"
-
-
-async def test_late_stats_while_the_engine_core_computes_are_a_busy_worker() -> None:
-    client = PretendClient(probe_s=0.01, cores=1.0)
-    monitor = _monitor(client)
-    assert await monitor.probe() is None  # learns the EngineCore's pid
-    client.stats_s = 10.0
-    assert await monitor.probe() is None
-
-
-async def test_late_stats_with_the_engine_core_idle_are_a_stall() -> None:
-    client = PretendClient(probe_s=0.01, cores=0.0)
-    monitor = _monitor(client)
-    assert await monitor.probe() is None
-    client.stats_s = 10.0
-    assert await monitor.probe() == "no answer within 0.5 s"
 
 
 async def test_a_prompt_answer_is_progress() -> None:

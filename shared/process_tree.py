@@ -42,3 +42,23 @@ def sibling_with_role(role: str) -> int | None:
         if role_of(proc) == role:
             return proc.pid
     return None
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds (user + system) of these processes, read from /proc; one that is gone counts 0."""
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def child_pids() -> list[int]:
+    """This process's descendants (the engine worker's: vLLM's EngineCore)."""
+    try:
+        return [c.pid for c in psutil.Process().children(recursive=True)]
+    except psutil.Error:
+        return []

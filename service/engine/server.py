@@ -22,6 +22,7 @@ from service.engine.stats import Counters, SchedulerSnapshot
 from shared import protocol as p
 from shared.framing import FrameConnection, FrameTooLarge, PeerNotReading
 from shared.logging import bind_request_id, get_logger
+from shared.process_tree import child_pids, cpu_seconds
 
 log = get_logger(__name__)
 _debug = False  # set by the worker's main when log_level is DEBUG
@@ -384,7 +385,7 @@ class EngineServer:
             prompt_tokens_total=counters.prompt_tokens,
             generation_tokens_total=counters.generation_tokens,
             requests_finished_total=counters.requests_finished,
-            engine_core_pids=_child_pids(),
+            engine_core_pids=child_pids(),
             seconds_since_output=time.monotonic() - max(self.last_output, sched.last_step),
             queued=adm.backlog,
             tokens_in_flight=adm.tokens,
@@ -448,25 +449,7 @@ def _peer_uid(transport: asyncio.BaseTransport) -> int | None:
 
 def _children_cpu_s() -> float:
     """CPU seconds (user + system) of this worker's children: vLLM's EngineCore."""
-    import psutil
-
-    total = 0.0
-    for child in psutil.Process().children(recursive=True):
-        try:
-            times = child.cpu_times()
-            total += times.user + times.system
-        except psutil.Error:
-            pass
-    return total
-
-
-def _child_pids() -> list[int]:
-    import psutil
-
-    try:
-        return [c.pid for c in psutil.Process().children(recursive=True)]
-    except psutil.Error:
-        return []
+    return cpu_seconds(child_pids())
 
 
 class EngineConnection(FrameConnection[p.GatewayMessage]):

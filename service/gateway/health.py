@@ -17,11 +17,10 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
-import psutil
-
 from shared.engine_client import DeadlineExceeded, EngineClient, EngineUnavailable, RequestFailed
 from shared import protocol as p
 from shared.logging import get_logger
+from shared.process_tree import cpu_seconds
 
 log = get_logger(__name__)
 
@@ -30,18 +29,6 @@ PROBE_PARAMS = p.SamplingSpec(max_tokens=1, ignore_eos=True)
 # Below this share of one core since the last probe, an EngineCore without output is stalled.
 BUSY_CORES = 0.05
 
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """CPU seconds (user + system) of these processes, read from /proc by this one."""
-    total = 0.0
-    for pid in pids:
-        try:
-            times = psutil.Process(pid).cpu_times()
-            total += times.user + times.system
-        except psutil.Error:
-            pass
-    return total
 
 
 class HealthMonitor:

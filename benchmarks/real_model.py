@@ -119,7 +119,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=500, help="per closed-loop load at c=50/100")
     parser.add_argument("--enforce-eager", action="store_true", help="both systems without torch.compile")
-    parser.add_argument("--only", default="", help="run only the loads whose name contains this (and no greedy check)")
+    parser.add_argument("--only", default="", help="run only the loads whose name contains one of these (comma-separated), and no greedy check")
     parser.add_argument("--out", default="", help="file name under benchmarks/results")
     args = parser.parse_args()
     config = engine_config()
@@ -142,7 +142,7 @@ def main() -> int:
         for server in servers.values():  # warm-up
             asyncio.run(run(Load(url=server.url, requests=100, concurrency=50, max_tokens=5)))
         for name, (measure, keys) in loads(args.requests).items():
-            if args.only not in name:
+            if args.only and not any(part in name for part in args.only.split(",")):
                 continue
             runs: dict[str, list[dict[str, Any]]] = {"citadel": [], "vllm": []}
             for rnd in range(args.rounds):

@@ -7,6 +7,21 @@ from typing import Any
 
 from shared.config import Phi3MiniConfig
 
+# `engine_threads: 0` gives the forward pass every allotted core once it is what a step costs,
+# and leaves one core to the front end (tokenizer, detokenizer, scheduler) for a model whose
+# forward pass is almost free. Measured with benchmarks/engine_threads.py on 2 cores: the
+# 3.4M-parameter demo model answered one request at a time 1.35x slower on 2 threads than on 1;
+# SmolLM2-135M (30 layers) served ab -c 50 faster on 2 (BENCHMARKS.md). The line lies between.
+FORWARD_BOUND_PARAMETERS = 50_000_000
+
+
+def engine_thread_count(c: Phi3MiniConfig, parameters: int) -> int:
+    """OpenMP threads of the engine's forward pass for a model of `parameters`: engine_threads
+    if set (at most cpu_cores), else every core for a large model and cpu_cores - 1 for a small one."""
+    if c.engine_threads:
+        return min(c.engine_threads, c.cpu_cores)
+    return c.cpu_cores if parameters >= FORWARD_BOUND_PARAMETERS else max(1, c.cpu_cores - 1)
+
 
 def optimization_settings(c: Phi3MiniConfig) -> dict[str, Any]:
     """What the efficiency settings switch on, from the configuration alone."""
@@ -21,9 +36,7 @@ def optimization_settings(c: Phi3MiniConfig) -> dict[str, Any]:
         },
         "cpu_optimization": {
             "enabled": c.cpu_optimization,
-            "effect": (f"engine threads bound to {min(c.engine_threads, c.cpu_cores) or max(c.cpu_cores - 1, 1)} "
-                       f"of the {c.cpu_cores} allotted cores"
-                       if c.cpu_optimization else "engine threads left to the OS scheduler"),
+            "effect": (_threads_effect(c) if c.cpu_optimization else "engine threads left to the OS scheduler"),
         },
         "max_throughput_rps": {
             "value": c.max_throughput_rps,
@@ -37,3 +50,11 @@ def optimization_settings(c: Phi3MiniConfig) -> dict[str, Any]:
         "target_latency_ms": c.target_latency_ms,
         "memory_gb": c.memory_gb,
     }
+
+
+def _threads_effect(c: Phi3MiniConfig) -> str:
+    if c.engine_threads:
+        return f"engine threads bound to {engine_thread_count(c, 0)} of the {c.cpu_cores} allotted cores"
+    return (f"engine threads bound to all {c.cpu_cores} allotted cores for a model of "
+            f"{FORWARD_BOUND_PARAMETERS // 1_000_000}M parameters or more, "
+            f"to {engine_thread_count(c, 0)} for a smaller one")

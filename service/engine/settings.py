@@ -14,6 +14,7 @@ from typing import Any
 
 from shared.config import Phi3MiniConfig
 from shared.logging import get_logger
+from shared.optimizations import engine_thread_count
 
 log = get_logger(__name__)
 
@@ -146,12 +147,22 @@ def _memory_node() -> int:
 
 
 def engine_cpu_list(config: Phi3MiniConfig) -> list[int]:
-    """CPUs for the engine's OpenMP threads: engine_threads of the first cpu_cores allowed
-    ones, by default all but one (left to the gateway and scheduler) when there are two or more."""
+    """CPUs for the engine's OpenMP threads: the last engine_thread_count of the first
+    cpu_cores allowed ones (shared/optimizations.py: by default every core for a large model,
+    all but one, left to the gateway and scheduler, for a small one)."""
     allowed = sorted(_ALLOWED_AT_START)  # as the process started, before any OpenMP binding
     cores = min(config.cpu_cores, len(allowed))
-    threads = min(config.engine_threads, cores) if config.engine_threads else max(1, cores - 1)
+    threads = min(engine_thread_count(config, configured_parameters(config)), cores)
     return allowed[cores - threads : cores]
+
+
+def configured_parameters(config: Phi3MiniConfig) -> int:
+    """Parameters of the configured weights (from the safetensors headers); 0 when they are
+    not there and the demo model is served instead."""
+    from service.model_files import count_parameters
+
+    path = Path(config.model_path).expanduser()
+    return count_parameters(path) if (path / "config.json").exists() else 0
 
 
 def prepare_environment(config: Phi3MiniConfig, cpu: bool) -> dict[str, str]:
@@ -178,10 +189,10 @@ def prepare_environment(config: Phi3MiniConfig, cpu: bool) -> dict[str, str]:
         # (Fixed MALLOC_TRIM_THRESHOLD_/MALLOC_MMAP_THRESHOLD_ were tried: no lower peak RSS
         # and 8-9 % fewer requests/s, every 128 KiB tensor becoming an mmap.)
     }
-    if cpu:
-        from service.engine.lean_imports import ENV, UNUSED_ON_CPU
+    from service.engine.lean_imports import ENV, UNUSED, UNUSED_ON_CPU
 
-        env[ENV] = ",".join(UNUSED_ON_CPU)
+    env[ENV] = ",".join(UNUSED + UNUSED_ON_CPU if cpu else UNUSED)
+    if cpu:
         cpus = engine_cpu_list(config)
         env["OMP_NUM_THREADS"] = str(len(cpus))
         if config.cpu_optimization:

@@ -3,6 +3,10 @@ what the front end keeps. Pure logic over a pretended set of allowed CPUs."""
 
 from __future__ import annotations
 
+import json
+import struct
+from pathlib import Path
+
 import pytest
 
 from service.engine import settings
@@ -33,7 +37,42 @@ def test_engine_threads_pick_the_cores(cores: str, threads: str, expected: list[
     env = settings.prepare_environment(config, cpu=True)
     assert env["OMP_NUM_THREADS"] == str(len(expected))
     assert env["OMP_PLACES"] == "{" + ",".join(map(str, expected)) + "}"
-    assert f"bound to {len(expected)} of the {cores} allotted cores" in optimization_settings(config)["cpu_optimization"]["effect"]
+    effect = optimization_settings(config)["cpu_optimization"]["effect"]
+    assert (f"bound to {len(expected)} of the {cores} allotted cores" if threads != "0"
+            else f"to {len(expected)} for a smaller one") in effect
+
+
+def _weights_header_only(folder: Path, parameters: int) -> Path:
+    """A model folder whose safetensors header declares `parameters` (no weights written:
+    the count is read from the header)."""
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    header = json.dumps({"w": {"dtype": "F32", "shape": [parameters], "data_offsets": [0, 4 * parameters]}}).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    return folder
+
+
+@pytest.mark.parametrize(("parameters", "cores", "expected"), [
+    (3_400_000, "2", [1]),  # the demo model's size: one core stays with the front end
+    (135_000_000, "2", [0, 1]),  # SmolLM2-135M: the forward pass gets both
+    (3_800_000_000, "4", [0, 1, 2, 3]),  # Phi-3-mini
+    (49_999_999, "4", [1, 2, 3]),
+])
+def test_by_default_a_large_model_gets_every_core(tmp_path: Path, parameters: int, cores: str,
+                                                  expected: list[int]) -> None:
+    model = _weights_header_only(tmp_path / "model", parameters)
+    config = _config(cpu_cores=cores, model_path=str(model))
+    assert settings.configured_parameters(config) == parameters
+    assert settings.engine_cpu_list(config) == expected
+    assert settings.prepare_environment(config, cpu=True)["OMP_NUM_THREADS"] == str(len(expected))
+    # an explicit setting wins over the size
+    assert settings.engine_cpu_list(_config(cpu_cores=cores, model_path=str(model), engine_threads="1")) == [int(cores) - 1]
+
+
+def test_a_missing_model_counts_as_the_small_demo_model(tmp_path: Path) -> None:
+    config = _config(cpu_cores="2", model_path=str(tmp_path / "absent"))
+    assert settings.configured_parameters(config) == 0
+    assert settings.engine_cpu_list(config) == [1]
 
 
 def test_a_negative_thread_count_is_refused_by_name() -> None:

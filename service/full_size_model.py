@@ -24,11 +24,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import shutil
 import struct
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from service.demo_model import MARKER_FILE, PHI3_CHAT_TEMPLATE
+from service.model_files import written_into_place
 
 # microsoft/Phi-3-mini-4k-instruct's config.json as published (the current revision), less
 # `_name_or_path`, `auto_map` (remote code this folder does not ship) and `transformers_version`.
@@ -355,10 +354,7 @@ def make_full_model(out_dir: str | Path, *, dtype: str = "bfloat16", quantizatio
         raise DemoModelError(f"not enough disk space for {out}: it needs {_gb(need + margin)} "
                              f"(with a {_gb(margin)} margin) and {_gb(free)} is free")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.writing-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)
+    with written_into_place(out, "writing") as tmp:
         build_tokenizer(tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(PHI3_MINI_4K_GENERATION_CONFIG, indent=2) + "\n")
@@ -366,12 +362,6 @@ def make_full_model(out_dir: str | Path, *, dtype: str = "bfloat16", quantizatio
             _write_weights(tmp, shards, seed, config["initializer_range"], chunk_elems, progress)
             (tmp / MARKER_FILE).write_text(json.dumps(marker) + "\n")
             _write_manifest(tmp)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     progress(f"done: {out}")
     return out
 

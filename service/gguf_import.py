@@ -5,10 +5,7 @@ folder vLLM serves, dequantized, with its tokenizer, chat template, generation c
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TextIO
@@ -78,16 +75,6 @@ def check_vllm_serves(arch: str, gguf_arch: str) -> None:
         raise GGUFImportError(f"GGUF architecture {gguf_arch!r} converts to {arch}, which vLLM cannot serve")
 
 
-def _readable(folder: Path) -> None:
-    """mkdtemp's 0700 (and safetensors' 0600) to what the umask gives a new folder and file, so
-    that a service user other than the one who converted can read the model."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        path.chmod(0o666 & ~umask)
-
-
 def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float32",
                 log: TextIO = sys.stderr) -> Path:
     """Convert `gguf_file` into the new folder `out_dir`; returns its manifest."""
@@ -105,7 +92,7 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float3
         raise GGUFImportError(f"{out} already exists and is not empty; remove it or choose another folder")
     import torch
 
-    from service.model_files import write_manifest
+    from service.model_files import write_manifest, written_into_place
 
     stage(f"reading {src.name}")
     gguf_arch = gguf_architecture(src)
@@ -113,9 +100,7 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float3
     stage(f"architecture {gguf_arch} -> {arch}; checking vLLM serves it")
     check_vllm_serves(arch, gguf_arch)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.importing-", dir=out.parent))
-    try:
+    with written_into_place(out, "importing") as tmp:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:
@@ -140,12 +125,5 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float3
         tokenizer.save_pretrained(tmp, save_jinja_files=False)
         stage("writing model.sha256")
         manifest = write_manifest(tmp)
-        _readable(tmp)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     stage(f"done: {out}")
     return out / manifest.name

@@ -15,6 +15,9 @@ import math
 import os
 import shutil
 import struct
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 MANIFEST = "model.sha256"
@@ -203,3 +206,26 @@ def count_parameters(model_dir: str | Path) -> int:
             header = json.loads(f.read(size))
         total += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
     return total
+
+
+@contextmanager
+def written_into_place(out: Path, tag: str) -> Iterator[Path]:
+    """A temporary folder beside `out` to write a model into. When the block ends it gets the
+    permissions the umask gives a new folder and file (mkdtemp's 0700 and safetensors' 0600
+    would keep a service user other than the writer out) and is renamed to `out`, which must be
+    absent or empty; when the block raises it is removed, and nothing is left at `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}-", dir=out.parent))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        for path in tmp.iterdir():
+            path.chmod(0o666 & ~umask)
+        if out.exists():
+            out.rmdir()  # empty: the caller checked
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

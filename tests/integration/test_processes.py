@@ -5,6 +5,7 @@ These tests kill processes, so they run their own service instead of the shared 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -57,8 +58,11 @@ def test_each_role_shows_in_its_command_line(own_service: ServiceProcess) -> Non
     assert set(roles) == {"engine", "gateway", "orchestrator"}
 
 def test_engine_processes_do_not_load_what_vllm_leaves_unused_on_cpu(own_service: ServiceProcess) -> None:
-    """triton (vLLM turns it off without a CPU backend) and gRPC under OpenTelemetry (tracing
-    is never configured) stay out of the engine worker and of its spawned EngineCore: ~85 MB each."""
+    """triton (vLLM turns it off without a CPU backend), gRPC under OpenTelemetry (tracing
+    is never configured), scikit-learn with pandas and pyarrow, scipy and OpenCV (installed in
+    this venv; transformers and vLLM would import them for features a text server never uses)
+    stay out of the engine worker and of its spawned EngineCore: ~85 + 150 MB each."""
+    assert importlib.util.find_spec("sklearn"), "the test extra (lm-eval) installs what the check looks for"
     engine = own_service.children()["engine"]
     engine_core = [p for p in engine.children(recursive=True) if "EngineCore" in " ".join(p.cmdline())]
     assert engine_core, "vLLM's EngineCore runs as the engine worker's child"
@@ -66,6 +70,8 @@ def test_engine_processes_do_not_load_what_vllm_leaves_unused_on_cpu(own_service
         libraries = Path(f"/proc/{proc.pid}/maps").read_text()
         assert "libtorch_cpu.so" in libraries  # the check reads the right process
         assert "libtriton.so" not in libraries and "cygrpc" not in libraries, proc.cmdline()
+        for package in ("sklearn", "scipy", "pandas", "pyarrow", "cv2"):
+            assert f"/site-packages/{package}/" not in libraries, (package, proc.cmdline())
     assert complete(own_service)["choices"][0]["text"] is not None
 
 

@@ -87,6 +87,12 @@ bench: install demo-model real-model tools
 	@# the real model (SmolLM2-135M-Instruct), both systems compiled, then both eager
 	$(PY) benchmarks/real_model.py --rounds 3
 	$(PY) benchmarks/real_model.py --rounds 3 --enforce-eager
+	@# and against vLLM's server bound to both cores, as engine_threads gives this service's engine
+	VLLM_CPU_OMP_THREADS_BIND=0-$$(($$(nproc) - 1)) $(PY) benchmarks/real_model.py --rounds 3 --only "c=1,ab -c 50" \
+	  --out real_model_both_cores.json
+	@# the engine_threads rule: 1 thread against every core, on the demo and the real model
+	$(PY) benchmarks/engine_threads.py --model $(DEMO_MODEL) --requests 500
+	$(PY) benchmarks/engine_threads.py --model $(REAL_MODEL)
 	CITADEL_BENCH_MODEL=$(REAL_MODEL) $(PY) benchmarks/goodput.py --rounds 3 --static 32 --max-tokens 20 \
 	  --slo-ms $(REAL_MODEL_SLO_MS) --out goodput_real_model.json
 	CITADEL_BENCH_MODEL=$(REAL_MODEL) $(PY) benchmarks/loadgen_check.py --rounds 1 --out loadgen_check_real_model.json

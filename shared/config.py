@@ -59,6 +59,9 @@ class Phi3MiniConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     distributed_executor_backend: Literal["", "mp", "ray", "uni", "external_launcher"] = ""
     gpu_memory_utilization: Fraction = 0.6  # GPU hosts only; on CPU the KV cache is sized from memory_gb
     dtype: Dtype = "auto"  # "auto": on a CPU host bfloat16 where it has bf16 instructions, else float32; else the model's
+    # vLLM's quantization method ("gptq", "awq", "compressed-tensors", ...); "" = what the
+    # checkpoint's quantization_config says (a 4-bit checkpoint needs nothing here)
+    quantization: Annotated[str, Meta(pattern=r"^[a-z0-9_-]*$")] = ""
     seed: NonNegative = 0
     # -- efficiency
     efficiency_mode: bool = True
@@ -123,7 +126,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "model": (
         "model_path", "model_name", "served_model_name", "demo_model_dir", "max_model_len",
         "tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend",
-        "gpu_memory_utilization", "dtype", "seed",
+        "gpu_memory_utilization", "dtype", "quantization", "seed",
     ),
     "efficiency": (
         "efficiency_mode", "memory_gb", "cpu_cores", "max_throughput_rps",

@@ -223,6 +223,8 @@ def engine_args(config: Phi3MiniConfig, model: ModelChoice, cpu: bool) -> Any:
         disable_log_stats=True,
         enable_log_requests=False,
     )
+    if config.quantization:
+        kwargs["quantization"] = config.quantization
     if cpu:
         if config.memory_optimization:
             kwargs.update(kv_cache_args(config, model.path, dtype))

@@ -85,6 +85,8 @@ def _other_value(name: str, value: object) -> object:
         return value + 1
     if isinstance(value, float):
         return value / 2 if value else 0.5
+    if isinstance(kind, msgspec.inspect.StrType) and kind.pattern:  # a name, not a path
+        return f"{value}-other" if value else "other"
     return f"{value}-other" if value else "/tmp/other"
 
 

@@ -1,5 +1,6 @@
-"""vLLM's parallelism settings pass through: tensor_parallel_size, pipeline_parallel_size and
-distributed_executor_backend reach AsyncEngineArgs as set, and vLLM's choice is the default."""
+"""vLLM's parallelism and quantization settings pass through: tensor_parallel_size,
+pipeline_parallel_size, distributed_executor_backend and quantization reach AsyncEngineArgs as
+set, and vLLM's choice is the default."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def test_defaults_leave_the_choice_to_vllm() -> None:
     args = _args({})
     assert (args.tensor_parallel_size, args.pipeline_parallel_size) == (1, 1)
     assert args.distributed_executor_backend is None
+    assert args.quantization is None  # the checkpoint's quantization_config decides
 
 
 def test_parallelism_is_passed_to_vllm() -> None:
@@ -30,7 +32,12 @@ def test_parallelism_is_passed_to_vllm() -> None:
     assert args.distributed_executor_backend == "ray"
 
 
+def test_quantization_is_passed_to_vllm() -> None:
+    assert _args({"PHI_3_MINI_QUANTIZATION": "gptq"}).quantization == "gptq"
+
+
 @pytest.mark.parametrize(("name", "value", "rule"), [
+    ("QUANTIZATION", "GPTQ 4bit", "quantization"),
     ("PIPELINE_PARALLEL_SIZE", "0", ">= 1"),
     ("DISTRIBUTED_EXECUTOR_BACKEND", "threads", "allowed: , mp, ray, uni, external_launcher"),
 ])

@@ -158,11 +158,18 @@ def engine_cpu_list(config: Phi3MiniConfig) -> list[int]:
 
 def configured_parameters(config: Phi3MiniConfig) -> int:
     """Parameters of the configured weights (from the safetensors headers); 0 when they are
-    not there and the demo model is served instead."""
+    not there and the demo model is served instead, or when a header cannot be read: this runs
+    before the weights are verified, and a broken folder must fail the start with its own
+    message (exit 2), not here."""
+    import struct
+
     from service.model_files import count_parameters
 
     path = Path(config.model_path).expanduser()
-    return count_parameters(path) if (path / "config.json").exists() else 0
+    try:
+        return count_parameters(path) if (path / "config.json").exists() else 0
+    except (OSError, ValueError, struct.error, KeyError, TypeError, AttributeError):
+        return 0
 
 
 def prepare_environment(config: Phi3MiniConfig, cpu: bool) -> dict[str, str]:

@@ -78,3 +78,16 @@ def test_a_missing_model_counts_as_the_small_demo_model(tmp_path: Path) -> None:
 def test_a_negative_thread_count_is_refused_by_name() -> None:
     with pytest.raises(ConfigError, match="engine_threads"):
         _config(engine_threads="-1")
+
+
+@pytest.mark.parametrize("weights", [b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}", b"\x02\x00", b"\x04\x00\x00\x00\x00\x00\x00\x00\xcb\xcb\xcb\xcb"])
+def test_unreadable_weights_count_as_small_and_leave_the_failure_to_the_start(tmp_path: Path, weights: bytes) -> None:
+    """The thread count is chosen before the weights are verified: a broken header must not
+    crash the engine there (it would exit 1 and be restarted) but reach the start's own check."""
+    model = tmp_path / "broken"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(weights)
+    config = _config(cpu_cores="2", model_path=str(model))
+    assert settings.configured_parameters(config) == 0
+    assert settings.prepare_environment(config, cpu=True)["OMP_NUM_THREADS"] == "1"

@@ -93,6 +93,8 @@ bench: install demo-model real-model tools
 	@# the engine_threads rule: 1 thread against every core, on the demo and the real model
 	$(PY) benchmarks/engine_threads.py --model $(DEMO_MODEL) --requests 500
 	$(PY) benchmarks/engine_threads.py --model $(REAL_MODEL)
+	@# the engine_core rule: vLLM's EngineCore in its own process against a thread of the worker
+	$(PY) benchmarks/ab_setting.py --model $(REAL_MODEL) --setting engine_core --values process,thread
 	CITADEL_BENCH_MODEL=$(REAL_MODEL) $(PY) benchmarks/goodput.py --rounds 3 --static 32 --max-tokens 20 \
 	  --slo-ms $(REAL_MODEL_SLO_MS) --out goodput_real_model.json
 	CITADEL_BENCH_MODEL=$(REAL_MODEL) $(PY) benchmarks/loadgen_check.py --rounds 1 --out loadgen_check_real_model.json

@@ -1,6 +1,6 @@
 """The real instruct model (`make real-model`: SmolLM2-135M-Instruct, 30 layers) served by this
 service and by vLLM's own OpenAI server, side by side in one run, same dtype (float32) and the
-same KV cache arguments:
+same KV cache (vLLM is given exactly the bytes this service's engine made of memory_gb):
 
 - greedy text: the same chat and completion prompts on both, answers compared character by character;
 - c=1 latency: one request at a time, 20 tokens;
@@ -39,7 +39,8 @@ os.environ.setdefault("CITADEL_BENCH_MODEL", "models/smollm2-135m-instruct")
 
 from ab_compare import run_ab  # noqa: E402
 from loadgen import Load, run  # noqa: E402
-from servers import CAPACITY, Server, bench_model, engine_config, start_citadel, start_vllm, wait_quiet, write_result  # noqa: E402
+from servers import (CAPACITY, Server, bench_model, engine_config, kv_cache_bytes, start_citadel,  # noqa: E402
+                     start_vllm, wait_quiet, write_result)
 
 CHATS = (
     "What is the capital of France?", "What is the chemical formula of water?",
@@ -125,12 +126,16 @@ def main() -> int:
     config = engine_config()
     work = Path(tempfile.mkdtemp(prefix="citadel-real-model-"))
     eager = {"enforce_eager": "true"} if args.enforce_eager else {}
-    servers = {"citadel": start_citadel(config, **CAPACITY, **eager),
-               "vllm": start_vllm(config, work / "vllm.log", extra=("--enforce-eager",) if args.enforce_eager else ())}
+    servers = {"citadel": start_citadel(config, **CAPACITY, **eager)}
     report: dict[str, Any] = {"model": str(bench_model()), "args": vars(args), "loads": {}}
     try:
-        for server in servers.values():
-            server.wait_ready(timeout_s=1200)
+        servers["citadel"].wait_ready(timeout_s=1200)
+        # vLLM gets exactly the KV cache this service's engine made of memory_gb: the same
+        # cache, so that the trees' memory differs only by what each runs beside it
+        report["kv_cache_bytes"] = kv = kv_cache_bytes(servers["citadel"])
+        servers["vllm"] = start_vllm(config, work / "vllm.log", kv_cache_bytes=kv,
+                                     extra=("--enforce-eager",) if args.enforce_eager else ())
+        servers["vllm"].wait_ready(timeout_s=1200)
         report["ready_s"] = {name: s.ready_s for name, s in servers.items()}
         print(f"model {bench_model()}; ready after {report['ready_s']['citadel']:.0f} s (citadel-llm), "
               f"{report['ready_s']['vllm']:.0f} s (vLLM server)", flush=True)

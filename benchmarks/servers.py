@@ -99,6 +99,12 @@ def engine_config() -> Phi3MiniConfig:
 CAPACITY = {"efficiency_mode": "false"}
 
 
+def kv_cache_bytes(server: Server) -> int:
+    """The KV cache a running citadel-llm got (its model card says)."""
+    with urllib.request.urlopen(f"{server.url}/v1/models/phi-3-mini", timeout=30) as resp:
+        return int(json.loads(resp.read())["kv_cache_bytes"])
+
+
 def start_citadel(config: Phi3MiniConfig, name: str = "citadel", **settings: str) -> Server:
     """This service with the engine settings of `config`, plus `settings` (PHI_3_MINI_* names)."""
     svc = ServiceProcess(**{"model_path": str(bench_model()), "max_num_seqs": str(config.max_num_seqs),
@@ -112,17 +118,19 @@ def start_citadel(config: Phi3MiniConfig, name: str = "citadel", **settings: str
 
 
 def start_vllm(config: Phi3MiniConfig, log_path: Path, model: Path | None = None, served: str = "phi-3-mini",
-               extra: tuple[str, ...] = (), dtype: str = "float32") -> Server:
+               extra: tuple[str, ...] = (), dtype: str = "float32", kv_cache_bytes: int = 0) -> Server:
     """vLLM's own server on `model` (default: bench_model()) in `dtype` with the engine settings
-    of `config` and this service's KV cache arguments; `extra` are more of its flags."""
+    of `config` and this service's KV cache arguments, or exactly `kv_cache_bytes` of cache
+    (what a running citadel-llm reports it got); `extra` are more of its flags."""
     model = model or bench_model()
     port = free_port()
+    kv = ({"kv_cache_memory_bytes": kv_cache_bytes} if kv_cache_bytes
+          else kv_cache_args(config, model, dtype))
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
             "--served-model-name", served, "--dtype", dtype, *extra,
             "--max-model-len", str(config.max_model_len), "--max-num-seqs", str(config.max_num_seqs),
             "--max-num-batched-tokens", str(config.max_num_batched_tokens),
-            # the same KV cache arguments as this service's engine gets
-            *[f"--{k.replace('_', '-')}={v}" for k, v in kv_cache_args(config, model, dtype).items()],
+            *[f"--{k.replace('_', '-')}={v}" for k, v in kv.items()],
             "--host", "127.0.0.1", "--port", str(port), "--disable-log-stats", "--disable-uvicorn-access-log"]
     env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
     log = open(log_path, "wb")

@@ -70,9 +70,13 @@ class Phi3MiniConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_throughput_rps: PositiveFloat = 100.0  # the rate the latency steering keeps room for (not a cap)
     memory_optimization: bool = True
     cpu_optimization: bool = True
-    # OpenMP threads of the engine's forward pass; 0 = cpu_cores - 1 (one core left to the
-    # gateway, tokenizer and scheduler); at most cpu_cores
+    # OpenMP threads of the engine's forward pass; 0 = every core for a model of 50M parameters
+    # or more, else cpu_cores - 1 (one core left to the gateway, tokenizer and scheduler)
     engine_threads: NonNegative = 0
+    # Where vLLM's EngineCore runs on a CPU host: "process" (vLLM's own layout, a second process),
+    # "thread" (a thread of the engine worker: one copy of vLLM and torch fewer), "auto" =
+    # thread for a model of 50M parameters or more, else process. GPU hosts: always process.
+    engine_core: Literal["auto", "process", "thread"] = "auto"
     # -- performance
     max_num_batched_tokens: Positive = 1024
     max_num_seqs: Positive = 32
@@ -130,7 +134,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     ),
     "efficiency": (
         "efficiency_mode", "memory_gb", "cpu_cores", "max_throughput_rps",
-        "memory_optimization", "cpu_optimization", "engine_threads",
+        "memory_optimization", "cpu_optimization", "engine_threads", "engine_core",
     ),
     "performance": (
         "max_num_batched_tokens", "max_num_seqs", "target_latency_ms",

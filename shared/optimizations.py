@@ -23,6 +23,17 @@ def engine_thread_count(c: Phi3MiniConfig, parameters: int) -> int:
     return c.cpu_cores if parameters >= FORWARD_BOUND_PARAMETERS else max(1, c.cpu_cores - 1)
 
 
+def engine_core_on_a_thread(c: Phi3MiniConfig, parameters: int, cpu: bool) -> bool:
+    """Whether vLLM's EngineCore runs on a thread of the engine worker (engine_core: thread)
+    rather than in its own process: engine_core if set, else for a model whose forward pass
+    dominates a step (the threads rule's line). GPU hosts keep vLLM's own process."""
+    if not cpu:
+        return False
+    if c.engine_core != "auto":
+        return c.engine_core == "thread"
+    return parameters >= FORWARD_BOUND_PARAMETERS
+
+
 def optimization_settings(c: Phi3MiniConfig) -> dict[str, Any]:
     """What the efficiency settings switch on, from the configuration alone."""
     return {
@@ -38,6 +49,10 @@ def optimization_settings(c: Phi3MiniConfig) -> dict[str, Any]:
             "enabled": c.cpu_optimization,
             "effect": (_threads_effect(c) if c.cpu_optimization else "engine threads left to the OS scheduler"),
         },
+        "engine_core": {
+            "value": c.engine_core,
+            "effect": _engine_core_effect(c),
+        },
         "max_throughput_rps": {
             "value": c.max_throughput_rps,
             "effect": (f"latency steering keeps the sequences {c.max_throughput_rps:g} requests/s need"
@@ -50,6 +65,14 @@ def optimization_settings(c: Phi3MiniConfig) -> dict[str, Any]:
         "target_latency_ms": c.target_latency_ms,
         "memory_gb": c.memory_gb,
     }
+
+
+def _engine_core_effect(c: Phi3MiniConfig) -> str:
+    thread, process = "on a thread of the engine worker", "in a process of its own (vLLM's layout)"
+    if c.engine_core != "auto":
+        return f"vLLM's EngineCore runs {thread if c.engine_core == 'thread' else process} on a CPU host"
+    return (f"vLLM's EngineCore runs {thread} for a model of {FORWARD_BOUND_PARAMETERS // 1_000_000}M "
+            f"parameters or more on a CPU host, else {process}")
 
 
 def _threads_effect(c: Phi3MiniConfig) -> str:

@@ -128,6 +128,9 @@ class Welcome(_Msg, tag="welcome"):
     load_seconds: float
     engine_pid: int
     parameter_count: int = 0
+    kv_cache_tokens: int = 0  # what vLLM's KV cache holds, all sequences together
+    kv_cache_bytes: int = 0
+    engine_core: str = "process"  # where vLLM's EngineCore runs: "process" or "thread" (of the worker)
 
 
 class HandshakeRefused(_Msg, tag="refused"):
@@ -186,7 +189,9 @@ class EngineStats(_Msg, tag="stats"):
     prompt_tokens_total: int
     generation_tokens_total: int
     requests_finished_total: int
-    engine_core_pids: list[int] = []  # vLLM's own processes under the worker
+    # whose CPU is the EngineCore's: vLLM's own processes under the worker, or the worker itself when
+    # the EngineCore runs on a thread of it (engine_core: thread)
+    engine_core_pids: list[int] = []
     seconds_since_output: float = 0.0  # how long ago the engine last produced a token
     # admission (service/engine/admission.py)
     queued: int = 0  # sequences waiting: for admission here, and in vLLM's queue beyond max_num_seqs

@@ -63,10 +63,14 @@ def _route_vllm_logging(config: Phi3MiniConfig) -> None:
     os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(path)
 
 
-def _cpu_host() -> bool:
-    import torch
+GPU_DEVICES = (Path("/dev/nvidiactl"), Path("/dev/kfd"))  # NVIDIA's driver, AMD's ROCm
 
-    return not torch.cuda.is_available()
+
+def _cpu_host() -> bool:
+    """No GPU device node. Decided without importing torch: OpenMP reads its environment
+    (thread count, binding) once, when torch loads it, and the EngineCore's thread runs in
+    this process, so the environment must be set before torch is imported."""
+    return not any(path.exists() for path in GPU_DEVICES)
 
 
 async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
@@ -88,26 +92,39 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
         started = time.monotonic()
         ensure_private_dir(config.socket_dir())  # before the slow part: an unsafe dir stops the start
         model = settings.resolve_model(config)
-        args = settings.engine_args(config, model, cpu)
+        from service.model_files import count_parameters
+        from shared.optimizations import engine_core_on_a_thread
+
+        parameters = count_parameters(model.path)
+        on_thread = engine_core_on_a_thread(config, parameters, cpu)
+        args = settings.engine_args(config, model, cpu, core_on_thread=on_thread)
         from vllm.v1.engine.async_llm import AsyncLLM
 
         log.info("engine loading", model_path=str(model.path), demo_model=model.demo,
                  dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                  max_num_batched_tokens=args.max_num_batched_tokens,
                  kv_cache_bytes=args.kv_cache_memory_bytes, memory_fraction=round(args.gpu_memory_utilization, 4),
-                 omp_threads=os.environ.get("OMP_NUM_THREADS"))
+                 omp_threads=os.environ.get("OMP_NUM_THREADS"),
+                 engine_core="thread" if on_thread else "process")
         from service.engine.admission import Admission, Limits
         from service.engine.stats import SchedulerSnapshot
-        from service.model_files import count_parameters
 
         scheduler = SchedulerSnapshot()
-        engine = AsyncLLM.from_engine_args(args, stat_loggers=[scheduler.factory])
-        settings.unpin_this_process(config)
+        if on_thread:
+            from service.engine.core_thread import core_on_a_thread
+
+            settings.unpin_this_process(config)  # threads started from here on stay off the engine's CPUs
+            with core_on_a_thread(frozenset(settings.engine_cpu_list(config)) if config.cpu_optimization else None):
+                engine = AsyncLLM.from_engine_args(args, stat_loggers=[scheduler.factory])
+        else:
+            engine = AsyncLLM.from_engine_args(args, stat_loggers=[scheduler.factory])
+            settings.unpin_this_process(config)  # off the cores the spawned EngineCore bound
         load_s = time.monotonic() - started
         cache = engine.vllm_config.cache_config
-        log.info("kv cache", blocks=cache.num_gpu_blocks, block_size=cache.block_size,
-                 tokens=(cache.num_gpu_blocks or 0) * cache.block_size,
-                 full_sequences=round((cache.num_gpu_blocks or 0) * cache.block_size / config.max_model_len, 1))
+        kv_tokens = (cache.num_gpu_blocks or 0) * cache.block_size
+        kv_bytes = kv_tokens * settings.kv_plan(config, model.path, args.dtype).per_token
+        log.info("kv cache", blocks=cache.num_gpu_blocks, block_size=cache.block_size, tokens=kv_tokens,
+                 bytes=kv_bytes, full_sequences=round(kv_tokens / config.max_model_len, 1))
         welcome = p.Welcome(
             protocol_version=p.PROTOCOL_VERSION,
             model_name=config.model_name,
@@ -118,13 +135,18 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
             demo_model=model.demo,
             load_seconds=round(load_s, 3),
             engine_pid=os.getpid(),
-            parameter_count=count_parameters(model.path),
+            parameter_count=parameters,
+            kv_cache_tokens=kv_tokens,
+            kv_cache_bytes=kv_bytes,
+            engine_core="thread" if on_thread else "process",
         )
         sched = engine.vllm_config.scheduler_config  # built with the ceilings; admission keeps below them
         admission = Admission(Limits(sched.max_num_seqs, sched.max_num_batched_tokens), config.max_queue,
                               config.target_latency_ms / 1000, config.rate_limit_rps, config.efficiency_mode)
         scheduler.on_step = admission.step
-        server = EngineServer(engine, welcome, engine.model_config.get_vocab_size(), admission, scheduler)
+        pid = os.getpid()
+        server = EngineServer(engine, welcome, engine.model_config.get_vocab_size(), admission, scheduler,
+                              **({"core_pids": lambda: [pid]} if on_thread else {}))
         # Everything loaded so far lives as long as the process: move it out of the garbage
         # collector's reach, or each full collection walks millions of objects (~1 s pauses).
         gc.collect()

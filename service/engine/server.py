@@ -15,6 +15,7 @@ import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from collections.abc import Callable
 from typing import Any
 
 from service.engine.admission import Admission, Refused, Ticket
@@ -69,7 +70,8 @@ class EngineServer:
     """Owns the AsyncLLM and the tasks of all requests in flight."""
 
     def __init__(self, engine: Any, welcome: p.Welcome, vocab_size: int, admission: Admission,
-                 scheduler: SchedulerSnapshot | None = None) -> None:
+                 scheduler: SchedulerSnapshot | None = None,
+                 core_pids: Callable[[], list[int]] = child_pids) -> None:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -81,6 +83,9 @@ class EngineServer:
         self.admission = admission
         self.tokenizer = engine.get_tokenizer()
         self.scheduler = scheduler or SchedulerSnapshot()
+        # Whose CPU time is the EngineCore's: this worker's children (vLLM's EngineCore process),
+        # or this process when the EngineCore runs on a thread of it (engine_core: thread).
+        self.core_pids = core_pids
         self.counters = Counters()
         self.dead = asyncio.Event()  # set when the engine core has died
         self.last_output = time.monotonic()  # when the engine last produced anything
@@ -101,7 +106,7 @@ class EngineServer:
     def making_progress(self, stall_s: float) -> bool:
         """Idle, some output within the last stall_s seconds, or the EngineCore computing
         since the last call (one prefill step of a larger model can outlast stall_s)."""
-        now, cpu_s = time.monotonic(), _children_cpu_s()
+        now, cpu_s = time.monotonic(), cpu_seconds(self.core_pids())
         since, used = self._progress_seen
         self._progress_seen = (now, cpu_s)
         last = max(self.last_output, self.scheduler.last_step)
@@ -385,7 +390,7 @@ class EngineServer:
             prompt_tokens_total=counters.prompt_tokens,
             generation_tokens_total=counters.generation_tokens,
             requests_finished_total=counters.requests_finished,
-            engine_core_pids=child_pids(),
+            engine_core_pids=self.core_pids(),
             seconds_since_output=time.monotonic() - max(self.last_output, sched.last_step),
             queued=adm.backlog,
             tokens_in_flight=adm.tokens,
@@ -398,7 +403,7 @@ class EngineServer:
             window_requests=pct.count, ttft_p50_s=pct.ttft_p50_s, ttft_p95_s=pct.ttft_p95_s,
             e2e_p50_s=pct.e2e_p50_s, e2e_p95_s=pct.e2e_p95_s, service_p95_s=pct.service_p95_s,
             mean_service_s=adm.service_s,
-            engine_cpu_s=_children_cpu_s(),
+            engine_cpu_s=cpu_seconds(self.core_pids()),
         )
 
     async def drain(self, timeout_s: float) -> None:
@@ -445,11 +450,6 @@ def _peer_uid(transport: asyncio.BaseTransport) -> int | None:
         return None
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return int(struct.unpack("3i", creds)[1])
-
-
-def _children_cpu_s() -> float:
-    """CPU seconds (user + system) of this worker's children: vLLM's EngineCore."""
-    return cpu_seconds(child_pids())
 
 
 class EngineConnection(FrameConnection[p.GatewayMessage]):

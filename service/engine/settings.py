@@ -19,11 +19,15 @@ from shared.optimizations import engine_thread_count
 log = get_logger(__name__)
 
 GIB = 1 << 30
-# Resident memory of the service's processes other than vLLM's EngineCore: serve, gateway,
-# orchestrator, and the engine worker with vLLM's front end (tokenizer, detokenizer, torch
-# imported). It grows with the tokenizer, not the weights: measured 805 MiB (demo model) and
-# 890 MiB (SmolLM2-135M, a 3.5 MB tokenizer) as the sum of their RSS at idle.
+# Resident memory of the service's processes other than the one vLLM measures (its EngineCore's):
+# serve, gateway, orchestrator, and the engine worker with vLLM's front end (tokenizer,
+# detokenizer, torch imported). It grows with the tokenizer, not the weights: measured 805 MiB
+# (demo model) and 890 MiB (SmolLM2-135M, a 3.5 MB tokenizer) as the sum of their RSS at idle.
 OTHER_PROCESSES_BYTES = int(0.9 * GIB)
+# The same with the EngineCore on a thread of the engine worker (engine_core: thread): the
+# front end is then inside the process vLLM measures, and the others are serve, gateway and
+# orchestrator (measured 100 MB together at idle).
+OTHER_PROCESSES_THREAD_BYTES = int(0.25 * GIB)
 # What the EngineCore gains under load beyond its measured footprint (activations of a full
 # token budget, oneDNN's primitive cache, request state): +90 MB on the demo model over 20
 # overload passes (issue 14), more for larger models; kept free so that load never pushes the
@@ -94,17 +98,18 @@ class KvPlan:
     per_token: int  # K and V of every layer for one token
     wanted: int  # max_num_seqs full sequences of max_model_len
     weights: int  # as loaded, in the serving dtype
+    others: int = OTHER_PROCESSES_BYTES  # the service's processes besides the EngineCore's
 
     def engine_core_budget(self, config: Phi3MiniConfig) -> int:
         """The EngineCore's share of memory_gb: weights, runtime and KV cache."""
-        return int(config.memory_gb * GIB) - OTHER_PROCESSES_BYTES - LOAD_HEADROOM_BYTES
+        return int(config.memory_gb * GIB) - self.others - LOAD_HEADROOM_BYTES
 
     def fits_with_room(self, config: Phi3MiniConfig) -> bool:
         """Whether the wanted cache fits in the budget beside the weights and a generous runtime."""
         return CORE_RUNTIME_BYTES + self.weights + max(self.wanted, MIN_KV_CACHE_BYTES) <= self.engine_core_budget(config)
 
 
-def kv_plan(config: Phi3MiniConfig, model_dir: Path, dtype: str) -> KvPlan:
+def kv_plan(config: Phi3MiniConfig, model_dir: Path, dtype: str, core_on_thread: bool = False) -> KvPlan:
     import json
 
     hf = json.loads((model_dir / "config.json").read_text())
@@ -117,10 +122,11 @@ def kv_plan(config: Phi3MiniConfig, model_dir: Path, dtype: str) -> KvPlan:
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     saved_elem = 4 if hf.get("torch_dtype", hf.get("dtype")) == "float32" else 2
     return KvPlan(per_token, per_token * config.max_model_len * config.max_num_seqs,
-                  weights * elem // saved_elem)
+                  weights * elem // saved_elem,
+                  OTHER_PROCESSES_THREAD_BYTES if core_on_thread else OTHER_PROCESSES_BYTES)
 
 
-def kv_cache_args(config: Phi3MiniConfig, model_dir: Path, dtype: str) -> dict[str, Any]:
+def kv_cache_args(config: Phi3MiniConfig, model_dir: Path, dtype: str, core_on_thread: bool = False) -> dict[str, Any]:
     """vLLM's KV cache arguments on a CPU host, within memory_gb.
 
     Room to spare: exactly the cache max_num_seqs full sequences want (`kv_cache_memory_bytes`).
@@ -129,7 +135,7 @@ def kv_cache_args(config: Phi3MiniConfig, model_dir: Path, dtype: str) -> dict[s
     up, measures its own resident memory and makes the cache of the rest, so the fit holds
     whatever the model's runtime costs. A budget the model itself does not fit in stops the
     start (vLLM refuses it; the engine exits 2)."""
-    plan = kv_plan(config, model_dir, dtype)
+    plan = kv_plan(config, model_dir, dtype, core_on_thread)
     if plan.fits_with_room(config):
         return {"kv_cache_memory_bytes": max(plan.wanted, MIN_KV_CACHE_BYTES)}
     from vllm.utils.cpu_resource_utils import get_memory_node_info
@@ -208,7 +214,7 @@ def prepare_environment(config: Phi3MiniConfig, cpu: bool) -> dict[str, str]:
     return env
 
 
-def engine_args(config: Phi3MiniConfig, model: ModelChoice, cpu: bool) -> Any:
+def engine_args(config: Phi3MiniConfig, model: ModelChoice, cpu: bool, core_on_thread: bool = False) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     dtype = resolve_dtype(config, cpu)
@@ -234,7 +240,7 @@ def engine_args(config: Phi3MiniConfig, model: ModelChoice, cpu: bool) -> Any:
         kwargs["quantization"] = config.quantization
     if cpu:
         if config.memory_optimization:
-            kwargs.update(kv_cache_args(config, model.path, dtype))
+            kwargs.update(kv_cache_args(config, model.path, dtype, core_on_thread))
         else:
             kwargs["gpu_memory_utilization"] = 0.1
     else:

@@ -40,6 +40,9 @@ async def model_info(request: web.Request) -> web.Response:
         "model_path": info.model_path if info else None, "dtype": info.dtype if info else None,
         "parameter_count": info.parameter_count if info else None,
         "load_seconds": info.load_seconds if info else None, "demo_model": info.demo_model if info else None,
+        "kv_cache_tokens": info.kv_cache_tokens if info else None,
+        "kv_cache_bytes": info.kv_cache_bytes if info else None,
+        "engine_core": info.engine_core if info else None,
         "limits": {"max_num_seqs": config.max_num_seqs, "max_num_batched_tokens": config.max_num_batched_tokens},
         "efficiency_mode": config.efficiency_mode, "engine_ready": info is not None,
     })

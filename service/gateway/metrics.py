@@ -110,8 +110,8 @@ class Metrics:
         roles: dict[str, list[int]] = {"gateway": [os.getpid()]}
         if client.info is not None:
             roles["engine"] = [client.info.engine_pid]
-        if stats is not None:
-            roles["engine_core"] = stats.engine_core_pids
+        if stats is not None:  # none when the EngineCore runs on a thread of the engine worker
+            roles["engine_core"] = [pid for pid in stats.engine_core_pids if pid not in roles.get("engine", ())]
         orchestrator = sibling_with_role("orchestrator")
         if orchestrator:
             roles["orchestrator"] = [orchestrator]

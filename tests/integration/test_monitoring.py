@@ -174,6 +174,10 @@ async def test_model_info_route(service: ServiceProcess) -> None:
     assert info["parameter_count"] == count_parameters(demo_model_dir())
     assert info["demo_model"] is True and info["load_seconds"] > 0
     assert info["limits"]["max_num_seqs"] == 16
+    # the demo model's EngineCore keeps vLLM's own process (engine_core: auto); its cache
+    # holds at least one full sequence
+    assert info["engine_core"] == "process"
+    assert info["kv_cache_tokens"] >= 2048 and info["kv_cache_bytes"] > 0
 
 
 def test_get_model_info_from_the_running_engine(service: ServiceProcess) -> None:

@@ -9,6 +9,8 @@ import asyncio
 import json
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import openai
@@ -106,6 +108,35 @@ def test_models_says_which_model_is_loaded(client: openai.OpenAI, url: str) -> N
     card = client.models.retrieve(SERVED)
     assert getattr(card, "demo_model") is False and getattr(card, "dtype") == "float32"
     assert 134_000_000 < getattr(card, "parameter_count") < 135_000_000
+
+
+def test_the_engine_core_runs_on_a_thread_of_the_engine_worker(real_service: ServiceProcess, url: str) -> None:
+    """engine_core: auto puts a model of this size's EngineCore on a thread of the engine
+    worker: no process of its own, torch loaded once, and the worker's CPU time is what the
+    health probe and the CPU figures read as the EngineCore's."""
+    engine = real_service.children()["engine"]
+    assert engine.children(recursive=True) == [], [p.cmdline() for p in engine.children(recursive=True)]
+    assert "EngineCore" in {t.name for t in _threads(engine.pid)}
+    libraries = Path(f"/proc/{engine.pid}/maps").read_text()
+    assert "libtorch_cpu.so" in libraries
+    for package in ("sklearn", "scipy", "pandas", "pyarrow", "cv2"):
+        assert f"/site-packages/{package}/" not in libraries, package
+    doc = _efficiency(url)
+    assert doc["optimizations"]["engine_core"]["value"] == "auto"
+    card = json.loads(urllib.request.urlopen(f"{url}/v1/models/{SERVED}", timeout=30).read())
+    assert card["engine_core"] == "thread"
+    per_token = 2 * 30 * 3 * 64 * 4  # K and V, 30 layers, 3 KV heads of 64, float32
+    assert card["kv_cache_tokens"] > 2048 and card["kv_cache_bytes"] == card["kv_cache_tokens"] * per_token
+    with urllib.request.urlopen(f"http://127.0.0.1:{real_service.metrics_port}/metrics", timeout=30) as resp:
+        rss = {ln.split('role="')[1].split('"')[0]: float(ln.split()[-1]) for ln in resp.read().decode().splitlines()
+               if ln.startswith("phi3_mini_process_resident_memory_bytes{")}
+    assert rss["engine"] > 0.3 * GIB  # the weights and the KV cache are in the worker
+    assert rss.get("engine_core", 0.0) == 0.0  # and counted once
+
+
+def _threads(pid: int) -> list[SimpleNamespace]:
+    tasks = Path(f"/proc/{pid}/task")
+    return [SimpleNamespace(tid=int(t.name), name=(t / "comm").read_text().strip()) for t in tasks.iterdir()]
 
 
 # ------------------------------------------------------------------ answers

@@ -91,3 +91,27 @@ def test_unreadable_weights_count_as_small_and_leave_the_failure_to_the_start(tm
     config = _config(cpu_cores="2", model_path=str(model))
     assert settings.configured_parameters(config) == 0
     assert settings.prepare_environment(config, cpu=True)["OMP_NUM_THREADS"] == "1"
+
+
+@pytest.mark.parametrize(("parameters", "setting", "cpu", "expected"), [
+    (3_400_000, "auto", True, False),  # the demo model: vLLM's own process (two GILs beat one process)
+    (135_000_000, "auto", True, True),  # SmolLM2-135M: one process, one copy of vLLM and torch fewer
+    (3_800_000_000, "auto", True, True),  # Phi-3-mini
+    (3_400_000, "thread", True, True),  # an explicit setting wins over the size
+    (135_000_000, "process", True, False),
+    (3_800_000_000, "auto", False, False),  # a GPU host keeps vLLM's layout
+    (3_800_000_000, "thread", False, False),
+])
+def test_the_engine_core_runs_on_a_thread_for_a_large_model(parameters: int, setting: str, cpu: bool,
+                                                             expected: bool) -> None:
+    from shared.optimizations import engine_core_on_a_thread
+
+    config = _config(engine_core=setting)
+    assert engine_core_on_a_thread(config, parameters, cpu) is expected
+    effect = optimization_settings(config)["engine_core"]["effect"]
+    assert ("50M parameters or more" in effect) is (setting == "auto")
+
+
+def test_an_unknown_engine_core_layout_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match="engine_core"):
+        _config(engine_core="fiber")

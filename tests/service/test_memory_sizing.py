@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from service.engine.settings import (CORE_RUNTIME_BYTES, GIB, LOAD_HEADROOM_BYTES, OTHER_PROCESSES_BYTES,
+                                     OTHER_PROCESSES_THREAD_BYTES,
                                      kv_cache_args, kv_plan)
 from shared.config import Phi3MiniConfig
 
@@ -53,3 +54,17 @@ def test_bfloat16_halves_the_cache_and_the_weights(tmp_path: Path) -> None:
     model = _model(tmp_path, 30, 3, 64, 538_090_408)
     f32, bf16 = kv_plan(config, model, "float32"), kv_plan(config, model, "bfloat16")
     assert bf16.per_token * 2 == f32.per_token and bf16.weights * 2 == f32.weights
+
+
+def test_with_the_engine_core_on_a_thread_the_front_end_is_inside_the_measured_process(tmp_path: Path) -> None:
+    """engine_core: thread leaves one process fewer outside vLLM's measurement: the budget it
+    hands vLLM grows by what the front end's own process held, and the rest is unchanged."""
+    config = Phi3MiniConfig(max_num_seqs=32, max_model_len=2048, memory_gb=4)
+    model = _model(tmp_path, 30, 3, 64, 538_090_408)
+    apart, together = kv_plan(config, model, "float32"), kv_plan(config, model, "float32", core_on_thread=True)
+    assert together.engine_core_budget(config) == 4 * GIB - OTHER_PROCESSES_THREAD_BYTES - LOAD_HEADROOM_BYTES
+    assert together.engine_core_budget(config) - apart.engine_core_budget(config) == \
+        OTHER_PROCESSES_BYTES - OTHER_PROCESSES_THREAD_BYTES > 0
+    [(_, fraction_apart)] = kv_cache_args(config, model, "float32").items()
+    [(_, fraction_together)] = kv_cache_args(config, model, "float32", core_on_thread=True).items()
+    assert fraction_together > fraction_apart

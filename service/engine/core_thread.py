@@ -88,7 +88,7 @@ class ThreadedCoreClient:
                     if kind == "stop":
                         return
                     if kind == "add":
-                        core.add_request(*core.preprocess_add_request(arg))
+                        self._add(core, arg)
                     elif kind == "abort":
                         core.abort_requests(arg)
                 if not core.scheduler.has_requests():
@@ -104,6 +104,22 @@ class ThreadedCoreClient:
         finally:
             with contextlib.suppress(Exception):
                 core.shutdown()
+
+    def _add(self, core: Any, request: Any) -> None:
+        """Add one request; one that fails its preprocessing fails alone, as in vLLM's
+        EngineCoreProc (finished with an error), instead of taking the engine down."""
+        try:
+            prepared = core.preprocess_add_request(request)
+        except Exception:  # noqa: BLE001 - request-scoped, reported to its caller
+            log.exception("request failed its preprocessing in the EngineCore", request_id=request.request_id)
+            from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
+
+            failed = EngineCoreOutputs(finished_requests={request.request_id},
+                                       outputs=[EngineCoreOutput(request.request_id, [],
+                                                                 finish_reason=FinishReason.ERROR)])
+            self._loop.call_soon_threadsafe(self._outputs.put_nowait, failed)
+            return
+        core.add_request(*prepared)
 
     def _take(self, block: bool) -> Iterator[tuple[str, Any]]:
         """Everything in the inbox; when block, wait for at least one item first."""

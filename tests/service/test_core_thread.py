@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -32,7 +33,9 @@ class StandInCore:
     def has_requests(self) -> bool:
         return bool(self.held)
 
-    def preprocess_add_request(self, request: str) -> tuple[str, int]:
+    def preprocess_add_request(self, request: Any) -> tuple[Any, int]:
+        if getattr(request, "request_id", "") == "bad":
+            raise ValueError("a request this core cannot take")
         return request, 0
 
     def add_request(self, request: str, wave: int) -> None:
@@ -90,6 +93,22 @@ async def test_an_abort_reaches_the_core_and_its_between_steps_queue() -> None:
         await client.add_request_async("c")  # handled after the abort: the inbox keeps order
         assert await asyncio.wait_for(client.get_output_async(), 10) == ["c"]
         assert client._core.aborted == ["x"]
+    finally:
+        client.shutdown()
+
+
+async def test_a_request_that_fails_its_preprocessing_fails_alone() -> None:
+    from vllm.v1.engine import FinishReason
+
+    client = core_thread.ThreadedCoreClient(None, None, False)
+    try:
+        await client.add_request_async(SimpleNamespace(request_id="bad"))
+        failed = await asyncio.wait_for(client.get_output_async(), 10)
+        assert failed.finished_requests == {"bad"}
+        assert [(o.request_id, o.finish_reason) for o in failed.outputs] == [("bad", FinishReason.ERROR)]
+        await client.add_request_async("next")  # the engine serves on
+        assert await asyncio.wait_for(client.get_output_async(), 10) == ["next"]
+        assert not client.resources.engine_dead and client.thread.is_alive()
     finally:
         client.shutdown()
 

@@ -153,6 +153,9 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
         gc.freeze()
         listener = await _listen(loop, server.connection, socket_path)
         control = await _listen(loop, server.control_connection, config.control_socket_path())
+    except settings.ModelDoesNotFit as exc:  # a configuration error: its reason, no traceback
+        log.error("engine failed to start", reason=str(exc))
+        return EXIT_START_FAILED
     except Exception:
         log.exception("engine failed to start")
         if engine is not None:

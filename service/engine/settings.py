@@ -91,6 +91,10 @@ def resolve_dtype(config: Phi3MiniConfig, cpu: bool, cpuinfo: Path = Path("/proc
     return config.dtype
 
 
+class ModelDoesNotFit(ValueError):
+    """The weights alone exceed what memory_gb leaves the EngineCore; str() says by how much."""
+
+
 @dataclass(frozen=True)
 class KvPlan:
     """How much memory the KV cache of one instance wants and may have (bytes)."""
@@ -133,15 +137,24 @@ def kv_cache_args(config: Phi3MiniConfig, model_dir: Path, dtype: str, core_on_t
     Tight (a larger model, a smaller memory_gb): the EngineCore's whole budget as vLLM's
     `gpu_memory_utilization` (a fraction of host memory on CPU); vLLM loads the weights, warms
     up, measures its own resident memory and makes the cache of the rest, so the fit holds
-    whatever the model's runtime costs. A budget the model itself does not fit in stops the
-    start (vLLM refuses it; the engine exits 2)."""
+    whatever the model's runtime costs. A budget the weights themselves do not fit in stops the
+    start here, before any weight is loaded (ModelDoesNotFit; the engine exits 2): loaded, they
+    would be killed by the cgroup's limit, or refused by vLLM after a minute of loading."""
     plan = kv_plan(config, model_dir, dtype, core_on_thread)
+    budget = plan.engine_core_budget(config)
+    if plan.weights + MIN_KV_CACHE_BYTES > budget:
+        raise ModelDoesNotFit(
+            f"the weights ({plan.weights / GIB:.2f} GiB in {dtype}) and the smallest KV cache "
+            f"({MIN_KV_CACHE_BYTES >> 20} MiB) do not fit memory_gb={config.memory_gb:g}: the EngineCore's "
+            f"budget is {budget / GIB:.2f} GiB after {plan.others / GIB:.2f} GiB for the other processes "
+            f"and {LOAD_HEADROOM_BYTES / GIB:.2f} GiB of headroom; raise memory_gb or serve a smaller "
+            "(e.g. 4-bit) checkpoint")
     if plan.fits_with_room(config):
         return {"kv_cache_memory_bytes": max(plan.wanted, MIN_KV_CACHE_BYTES)}
     from vllm.utils.cpu_resource_utils import get_memory_node_info
 
     total = get_memory_node_info(_memory_node()).total_memory
-    return {"gpu_memory_utilization": min(plan.engine_core_budget(config) / total, 1.0)}
+    return {"gpu_memory_utilization": min(budget / total, 1.0)}
 
 
 def _memory_node() -> int:

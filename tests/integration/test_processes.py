@@ -302,25 +302,6 @@ def test_trickled_body_gets_408(own_service: ServiceProcess) -> None:
     assert body["error"]["code"] == "request_timeout"
 
 
-def test_stream_whose_client_stops_reading_is_aborted(own_service: ServiceProcess) -> None:
-    gateway = own_service.children()["gateway"]
-    rss_before = gateway.memory_info().rss
-    # ~1 MB/s of events (16 choices with 20 top logprobs each): the buffers fill in about 2 s
-    body = json.dumps({"prompt": "x", "stream": True, "n": 16, "max_tokens": 1500, "logprobs": 20,
-                       "ignore_eos": True}).encode()
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a reader that takes nothing
-        sock.connect(("127.0.0.1", own_service.port))
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        wait_for(lambda: "client stopped reading" in own_service.log_path.read_text(), 8,
-                 "the gateway to abort the stalled stream")
-        wait_for(lambda: engine_running(own_service) == 0, 2, "the engine to drop the stalled request")
-        assert gateway.memory_info().rss - rss_before < 64 << 20
-        assert _read_until_closed(sock, 5)  # the connection is gone
-    assert complete(own_service)["choices"]
-
-
 def test_a_stopped_engine_core_with_requests_in_flight_is_a_stall(own_service: ServiceProcess) -> None:
     """No output while the EngineCore computes is a slow step, not a stall (the health probe
     looks at its CPU time); no output while it uses no CPU is one: requests in flight get
@@ -473,6 +454,31 @@ def test_waiting_means_one_thing_and_is_counted_in_one_place(small_queue: Servic
     assert refused["engine"]["queue_full"] == statuses.count(429)  # all of them by the engine's admission
 
 
+def test_stream_whose_client_stops_reading_is_aborted(small_queue: ServiceProcess) -> None:
+    """A client that stops reading a stream: once the socket buffers are full and a write has
+    not drained for client_timeout_s, the gateway aborts the stream and the engine drops it,
+    with the gateway's memory bounded meanwhile. How long the buffers take to fill depends on
+    this machine's speed, so the wait is bounded by the request's deadline (120 s here), not by
+    a guess: a fixed 8 s wait beside a 6 s deadline failed once in CI."""
+    svc = small_queue
+    gateway = svc.children()["gateway"]
+    rss_before = gateway.memory_info().rss
+    # ~1 MB/s of events on a fast machine (16 choices with 20 top logprobs each)
+    body = json.dumps({"prompt": "x", "stream": True, "n": 16, "max_tokens": 1500, "logprobs": 20,
+                       "ignore_eos": True}).encode()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a reader that takes nothing
+        sock.connect(("127.0.0.1", svc.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_for(lambda: "client stopped reading" in svc.log_path.read_text(), 110,
+                 "the gateway to abort the stalled stream")
+        wait_for(lambda: engine_running(svc) == 0, 10, "the engine to drop the stalled request")
+        assert gateway.memory_info().rss - rss_before < 64 << 20
+        assert _read_until_closed(sock, 5)  # the connection is gone
+    assert complete(svc)["choices"]
+
+
 def test_a_stop_ends_within_stop_timeout_s_and_answers_what_was_still_running(small_queue: ServiceProcess) -> None:
     """One deadline for the whole graceful stop: requests that would run far past it get
     their answer when it is up (503, or a stream's error event), and serve exits 0 soon after."""
@@ -538,6 +544,18 @@ def test_engine_exits_when_its_parent_dies() -> None:
 
 
 
+def _failed_start_log(svc: ServiceProcess) -> str:
+    """Start a service whose start must fail; its log, once serve has exited 2."""
+    svc.start()
+    try:
+        assert svc.proc is not None
+        code = svc.proc.wait(180)
+    finally:
+        svc.stop()
+    assert code == 2, svc.tail()
+    return svc.log_path.read_text(errors="replace")
+
+
 def test_a_start_that_cannot_succeed_stops_serve_with_exit_2(tmp_path: Path) -> None:
     """Weights vLLM cannot load: the engine exits 2 once, and serve stops everything and
     exits 2 too (which the unit's RestartPreventExitStatus=2 does not restart), instead of
@@ -550,14 +568,17 @@ def test_a_start_that_cannot_succeed_stops_serve_with_exit_2(tmp_path: Path) -> 
         if src.name != "model.safetensors" and src.is_file():
             (model / src.name).write_bytes(src.read_bytes())
     (model / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
-    svc = ServiceProcess(model_path=str(model)).start()
-    try:
-        assert svc.proc is not None
-        code = svc.proc.wait(180)
-    finally:
-        svc.stop()
-    log = svc.log_path.read_text(errors="replace")
-    assert code == 2, svc.tail()
+    log = _failed_start_log(ServiceProcess(model_path=str(model)))
     assert "engine failed to start" in log and "child cannot start: stopping the service" in log
     engine_starts = [line for line in log.splitlines() if '"child started"' in line and '"engine"' in line]
     assert len(engine_starts) == 1, engine_starts  # never restarted
+
+
+def test_weights_that_do_not_fit_memory_gb_are_refused_before_loading() -> None:
+    """memory_gb too small for the weights themselves: the engine says so in one line and exits
+    2 before it loads anything (loaded, they would be killed by a cgroup's limit, or refused by
+    vLLM after the whole load), and serve stops with exit 2."""
+    log = _failed_start_log(ServiceProcess(memory_gb="1"))  # less 0.9 GiB for the others and 0.25 of headroom
+    [line] = [json.loads(ln) for ln in log.splitlines() if '"engine failed to start"' in ln]
+    assert "do not fit memory_gb=1" in line["reason"] and "raise memory_gb" in line["reason"], line
+    assert '"engine loading"' not in log  # logged just before vLLM loads the weights

@@ -5,10 +5,13 @@ the real-model memory test)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import pytest
+
 from service.engine.settings import (CORE_RUNTIME_BYTES, GIB, LOAD_HEADROOM_BYTES, OTHER_PROCESSES_BYTES,
-                                     OTHER_PROCESSES_THREAD_BYTES,
+                                     ModelDoesNotFit, OTHER_PROCESSES_THREAD_BYTES,
                                      kv_cache_args, kv_plan)
 from shared.config import Phi3MiniConfig
 
@@ -68,3 +71,20 @@ def test_with_the_engine_core_on_a_thread_the_front_end_is_inside_the_measured_p
     [(_, fraction_apart)] = kv_cache_args(config, model, "float32").items()
     [(_, fraction_together)] = kv_cache_args(config, model, "float32", core_on_thread=True).items()
     assert fraction_together > fraction_apart
+
+
+def test_weights_that_do_not_fit_the_budget_are_refused_with_the_numbers(tmp_path: Path) -> None:
+    """Phi-3-mini's bfloat16 weights (7.64 GB) at memory_gb 4: refused before any loading, with
+    what would be needed; at 12 the budget holds them and vLLM measures the rest. Its 4-bit
+    weights (2.28 GB) fit 4 GB beside the smallest cache."""
+    phi3 = _model(tmp_path, 32, 32, 96, 7_642_159_104)
+    config = json.loads((phi3 / "config.json").read_text())
+    (phi3 / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    with pytest.raises(ModelDoesNotFit, match=r"the weights \(7\.12 GiB in bfloat16\).*memory_gb=4.*budget is 2\.85 GiB"):
+        kv_cache_args(Phi3MiniConfig(memory_gb=4), phi3, "bfloat16")
+    [(name, _)] = kv_cache_args(Phi3MiniConfig(memory_gb=12), phi3, "bfloat16").items()
+    assert name == "gpu_memory_utilization"
+    os.truncate(phi3 / "model.safetensors", 2_280_000_000)  # the published 4-bit checkpoints' size
+    for on_thread in (False, True):
+        [(name, _)] = kv_cache_args(Phi3MiniConfig(memory_gb=4), phi3, "bfloat16", core_on_thread=on_thread).items()
+        assert name == "gpu_memory_utilization"

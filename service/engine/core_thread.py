@@ -54,6 +54,7 @@ class ThreadedCoreClient:
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._outputs: asyncio.Queue[Any] = asyncio.Queue()
         self._core: Any = None
+        self._supported_tasks: tuple[str, ...] = ()
         self._built = threading.Event()
         self._failure: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(vllm_config, executor_class, log_stats, cpus),
@@ -75,6 +76,8 @@ class ThreadedCoreClient:
             if cpus:  # this thread's own CPUs; the OpenMP threads it starts inherit them
                 os.sched_setaffinity(0, cpus)
             self._core = EngineCore(vllm_config, executor_class, log_stats)
+            # read here, on the thread that owns the core, not from the event loop during a step
+            self._supported_tasks = tuple(self._core.get_supported_tasks())
         except BaseException as exc:  # noqa: BLE001 - reported to the constructor
             self._failure = exc
             self._built.set()
@@ -152,7 +155,7 @@ class ThreadedCoreClient:
             self._inbox.put(("abort", request_ids))
 
     async def get_supported_tasks_async(self) -> tuple[str, ...]:
-        return self._core.get_supported_tasks()
+        return self._supported_tasks
 
     def dp_engines_running(self) -> bool:
         return False

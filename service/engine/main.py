@@ -24,6 +24,7 @@ from shared.config import Phi3MiniConfig
 if TYPE_CHECKING:
     from service.engine.server import EngineServer
 from shared.logging import get_logger
+from shared.process_tree import child_pids
 from shared.runtime_dir import ensure_private_dir
 
 log = get_logger(__name__)
@@ -146,7 +147,7 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
         scheduler.on_step = admission.step
         pid = os.getpid()
         server = EngineServer(engine, welcome, engine.model_config.get_vocab_size(), admission, scheduler,
-                              **({"core_pids": lambda: [pid]} if on_thread else {}))
+                              core_pids=(lambda: [pid]) if on_thread else child_pids)
         # Everything loaded so far lives as long as the process: move it out of the garbage
         # collector's reach, or each full collection walks millions of objects (~1 s pauses).
         gc.collect()

@@ -13,9 +13,9 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from collections.abc import Callable
 from typing import Any
 
 from service.engine.admission import Admission, Refused, Ticket

@@ -122,7 +122,8 @@ def kv_plan(config: Phi3MiniConfig, model_dir: Path, dtype: str, core_on_thread:
     kv_heads = hf.get("num_key_value_heads") or heads
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     elem = 4 if dtype == "float32" else 2
-    per_token = 2 * layers * kv_heads * head_dim * elem
+    kv_elem = 1 if config.kv_cache_dtype.startswith("fp8") else elem
+    per_token = 2 * layers * kv_heads * head_dim * kv_elem
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     saved_elem = 4 if hf.get("torch_dtype", hf.get("dtype")) == "float32" else 2
     return KvPlan(per_token, per_token * config.max_model_len * config.max_num_seqs,
@@ -251,6 +252,8 @@ def engine_args(config: Phi3MiniConfig, model: ModelChoice, cpu: bool, core_on_t
     )
     if config.quantization:
         kwargs["quantization"] = config.quantization
+    if config.kv_cache_dtype != "auto":
+        kwargs["kv_cache_dtype"] = config.kv_cache_dtype
     if cpu:
         if config.memory_optimization:
             kwargs.update(kv_cache_args(config, model.path, dtype, core_on_thread))

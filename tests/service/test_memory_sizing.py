@@ -59,6 +59,16 @@ def test_bfloat16_halves_the_cache_and_the_weights(tmp_path: Path) -> None:
     assert bf16.per_token * 2 == f32.per_token and bf16.weights * 2 == f32.weights
 
 
+def test_an_fp8_cache_holds_twice_bfloat16s_tokens_and_keeps_the_weights(tmp_path: Path) -> None:
+    """kv_cache_dtype: fp8 is one byte a value: Phi-3-mini's 196,608 values a token are 192 KiB
+    (384 KiB in bfloat16), and it reaches vLLM's engine arguments as set."""
+    model = _model(tmp_path, 32, 32, 96, 2_280_000_000)
+    bf16 = kv_plan(Phi3MiniConfig(), model, "bfloat16")
+    fp8 = kv_plan(Phi3MiniConfig(kv_cache_dtype="fp8"), model, "bfloat16")
+    assert (bf16.per_token, fp8.per_token) == (384 * 1024, 192 * 1024)
+    assert fp8.weights == bf16.weights and fp8.wanted * 2 == bf16.wanted
+
+
 def test_with_the_engine_core_on_a_thread_the_front_end_is_inside_the_measured_process(tmp_path: Path) -> None:
     """engine_core: thread leaves one process fewer outside vLLM's measurement: the budget it
     hands vLLM grows by what the front end's own process held, and the rest is unchanged."""

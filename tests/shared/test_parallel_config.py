@@ -1,5 +1,5 @@
 """vLLM's parallelism and quantization settings pass through: tensor_parallel_size,
-pipeline_parallel_size, distributed_executor_backend and quantization reach AsyncEngineArgs as
+pipeline_parallel_size, distributed_executor_backend, quantization and kv_cache_dtype reach AsyncEngineArgs as
 set, and vLLM's choice is the default."""
 
 from __future__ import annotations
@@ -36,7 +36,13 @@ def test_quantization_is_passed_to_vllm() -> None:
     assert _args({"PHI_3_MINI_QUANTIZATION": "gptq"}).quantization == "gptq"
 
 
+def test_kv_cache_dtype_is_passed_to_vllm() -> None:
+    assert _args({}).kv_cache_dtype == "auto"  # vLLM's default: the serving dtype
+    assert _args({"PHI_3_MINI_KV_CACHE_DTYPE": "fp8"}).kv_cache_dtype == "fp8"
+
+
 @pytest.mark.parametrize(("name", "value", "rule"), [
+    ("KV_CACHE_DTYPE", "int4", "allowed: auto, fp8"),
     ("QUANTIZATION", "GPTQ 4bit", "quantization"),
     ("PIPELINE_PARALLEL_SIZE", "0", ">= 1"),
     ("DISTRIBUTED_EXECUTOR_BACKEND", "threads", "allowed: , mp, ray, uni, external_launcher"),

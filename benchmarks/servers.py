@@ -34,6 +34,7 @@ class Server:
         self.ready_s = 0.0  # from this object's making (just after the process's start) to /health 200
         self._started = time.monotonic()
         self.metrics_url = ""  # where the system serves Prometheus metrics, if it is known
+        self.log_path: Path | None = None  # its output
         self.peak_rss_mb = 0.0
         self._sampling = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -105,20 +106,24 @@ def kv_cache_bytes(server: Server) -> int:
         return int(json.loads(resp.read())["kv_cache_bytes"])
 
 
-def start_citadel(config: Phi3MiniConfig, name: str = "citadel", **settings: str) -> Server:
-    """This service with the engine settings of `config`, plus `settings` (PHI_3_MINI_* names)."""
+def start_citadel(config: Phi3MiniConfig, name: str = "citadel", preexec_fn: Callable[[], None] | None = None,
+                  **settings: str) -> Server:
+    """This service with the engine settings of `config`, plus `settings` (PHI_3_MINI_* names);
+    `preexec_fn` runs in its process before exec (e.g. to join a memory cgroup)."""
     svc = ServiceProcess(**{"model_path": str(bench_model()), "max_num_seqs": str(config.max_num_seqs),
                             "max_num_batched_tokens": str(config.max_num_batched_tokens), "log_level": "WARNING",
                             **settings})
-    svc.start()
+    svc.start(preexec_fn)
     assert svc.proc is not None
     server = Server(name, svc.base_url, svc.proc, svc.stop)
+    server.log_path = svc.log_path
     server.metrics_url = f"http://127.0.0.1:{svc.metrics_port}/metrics"
     return server
 
 
 def start_vllm(config: Phi3MiniConfig, log_path: Path, model: Path | None = None, served: str = "phi-3-mini",
-               extra: tuple[str, ...] = (), dtype: str = "float32", kv_cache_bytes: int = 0) -> Server:
+               extra: tuple[str, ...] = (), dtype: str = "float32", kv_cache_bytes: int = 0,
+               preexec_fn: Callable[[], None] | None = None) -> Server:
     """vLLM's own server on `model` (default: bench_model()) in `dtype` with the engine settings
     of `config` and this service's KV cache arguments, or exactly `kv_cache_bytes` of cache
     (what a running citadel-llm reports it got); `extra` are more of its flags."""
@@ -134,7 +139,7 @@ def start_vllm(config: Phi3MiniConfig, log_path: Path, model: Path | None = None
             "--host", "127.0.0.1", "--port", str(port), "--disable-log-stats", "--disable-uvicorn-access-log"]
     env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
     log = open(log_path, "wb")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=preexec_fn)
 
     def stop() -> None:
         proc.send_signal(signal.SIGTERM)
@@ -146,7 +151,9 @@ def start_vllm(config: Phi3MiniConfig, log_path: Path, model: Path | None = None
             proc.kill()
         log.close()
 
-    return Server("vllm", f"http://127.0.0.1:{port}", proc, stop)
+    server = Server("vllm", f"http://127.0.0.1:{port}", proc, stop)
+    server.log_path = log_path
+    return server
 
 
 def wait_quiet(servers: list[Server], max_cores: float = 0.1, window_s: float = 0.5, timeout_s: float = 15.0) -> float:

@@ -42,26 +42,37 @@ class MemoryGroup:
         self.procs.write_text(str(os.getpid()))
 
 
-@contextmanager
-def memory_group(limit_bytes: int) -> Iterator[MemoryGroup]:
-    """A fresh group with a hard memory limit and no swap; removed once its processes are gone."""
+def _v2() -> bool:
+    controllers = ROOT / "cgroup.controllers"
+    return controllers.exists() and "memory" in controllers.read_text().split()
+
+
+def unavailable() -> str:
+    """Why no memory cgroup can be made here, or "" when one can."""
     if os.geteuid() != 0:
-        pytest.skip("a memory cgroup needs root")
-    if "memory" in (ROOT / "cgroup.controllers").read_text().split() if (ROOT / "cgroup.controllers").exists() else False:
+        return "a memory cgroup needs root"
+    if not _v2() and not (ROOT / "memory" / "memory.limit_in_bytes").exists():
+        return "no cgroup memory controller here"
+    return ""
+
+
+@contextmanager
+def limited_memory(limit_bytes: int) -> Iterator[MemoryGroup]:
+    """A fresh group with a hard memory limit and no swap, v2 where the memory controller is
+    there, else v1; removed once its processes are gone. Check unavailable() first."""
+    if _v2():
         group = MemoryGroup(ROOT / f"citadel-test-{uuid.uuid4().hex[:8]}", 2)
         (ROOT / "cgroup.subtree_control").write_text("+memory")
         group.path.mkdir()
         (group.path / "memory.max").write_text(str(limit_bytes))
         (group.path / "memory.swap.max").write_text("0")
-    elif (ROOT / "memory" / "memory.limit_in_bytes").exists():
+    else:
         group = MemoryGroup(ROOT / "memory" / f"citadel-test-{uuid.uuid4().hex[:8]}", 1)
         group.path.mkdir()
         (group.path / "memory.limit_in_bytes").write_text(str(limit_bytes))
         swap = group.path / "memory.memsw.limit_in_bytes"
         if swap.exists():
             swap.write_text(str(limit_bytes))
-    else:
-        pytest.skip("no cgroup memory controller here")
     try:
         yield group
     finally:
@@ -72,3 +83,12 @@ def memory_group(limit_bytes: int) -> Iterator[MemoryGroup]:
             group.path.rmdir()
         except OSError:
             pass
+
+
+@contextmanager
+def memory_group(limit_bytes: int) -> Iterator[MemoryGroup]:
+    """limited_memory for a test: skipped where no group can be made."""
+    if reason := unavailable():
+        pytest.skip(reason)
+    with limited_memory(limit_bytes) as group:
+        yield group

@@ -35,7 +35,8 @@ STOP_MARGIN_S = {"gateway": 5.0, "orchestrator": 5.0, "engine": 10.0}
 KILL_WAIT_S = 5.0  # after SIGKILL of a child's group, for the kernel to reap it
 POLL_S = 0.2
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
-STABLE_AFTER_S = 60.0  # a child up this long has its backoff reset
+STABLE_AFTER_S = 60.0  # a child ready and up this long has its backoff reset
+START_ATTEMPTS = 3  # a child that dies this many times in a row before READY=1 stops the service
 # A child's exit code for a start that cannot succeed (the engine's failed start: bad
 # weights, a setting vLLM refuses; an unsafe runtime dir; a bad command line): restarting
 # it would only fail again, so serve stops everything and exits with it, which the unit's
@@ -73,6 +74,8 @@ class Child:
     restart_at: float = 0.0
     restarts: int = 0
     ready: bool = False  # sent READY=1 and not STOPPING=1: its watchdog is armed
+    was_ready: bool = False  # this process sent READY=1 at some point
+    unready_deaths: int = 0  # processes in a row that died before READY=1
     last_ping: float = 0.0  # monotonic time of its last READY=1 or WATCHDOG=1
 
     def start(self, argv: list[str], watchdog_s: float) -> None:
@@ -84,7 +87,7 @@ class Child:
             preexec_fn=_child_setup(OOM_SCORE_ADJ.get(self.role)),  # noqa: PLW1509
         )
         self.started_at = time.monotonic()
-        self.ready = False
+        self.ready = self.was_ready = False
         log.info("child started", role=self.role, pid=self.proc.pid, restarts=self.restarts)
 
     def kill_group(self, sig: int) -> None:
@@ -201,7 +204,7 @@ def _read_notify(child: Child, now: float) -> None:
         if child.proc is None or child.proc.poll() is not None:
             continue  # sent by a process that is gone
         if message.get("READY") == "1" and not child.ready:
-            child.ready = True
+            child.ready = child.was_ready = True
             child.last_ping = now
             log.info("child ready", role=child.role, pid=child.proc.pid, status=message.get("STATUS"))
         if message.get("WATCHDOG") == "1":
@@ -222,7 +225,8 @@ def _check_watchdog(child: Child, now: float, watchdog_s: float) -> None:
 
 def _restart_dead(children: dict[str, Child], config_path: str | None, watchdog_s: float) -> int | None:
     """Restart the children that died (after their backoff). EXIT_CANNOT_START when one
-    exited with it: then nothing is restarted."""
+    exited with it, or died START_ATTEMPTS times in a row before it was ready (e.g. killed for
+    memory while loading, which another start only repeats): then nothing is restarted."""
     now = time.monotonic()
     for child in children.values():
         proc = child.proc
@@ -239,13 +243,25 @@ def _restart_dead(children: dict[str, Child], config_path: str | None, watchdog_
         if code == EXIT_CANNOT_START:
             log.error("child cannot start: stopping the service", role=child.role, pid=proc.pid, exit_code=code)
             return EXIT_CANNOT_START
+        child.unready_deaths = 0 if child.was_ready else child.unready_deaths + 1
+        if child.unready_deaths >= START_ATTEMPTS:
+            log.error("child cannot start: stopping the service", role=child.role, pid=proc.pid, exit_code=code,
+                      why=_death(code))
+            return EXIT_CANNOT_START
         uptime = now - child.started_at
-        child.failures = 0 if uptime > STABLE_AFTER_S else child.failures + 1
+        child.failures = 0 if child.was_ready and uptime > STABLE_AFTER_S else child.failures + 1
         delay = RESTART_BACKOFF_S[min(child.failures, len(RESTART_BACKOFF_S) - 1)]
         log.error("child exited; restarting", role=child.role, pid=proc.pid, exit_code=code,
                   uptime_s=round(uptime, 1), restart_in_s=delay)
         child.restart_at = now + delay
     return None
+
+
+def _death(code: int) -> str:
+    if code == -signal.SIGKILL:
+        return (f"died {START_ATTEMPTS} times before it was ready, the last by SIGKILL: the kernel's OOM "
+                "killer at a memory limit (memory_gb, systemd's MemoryMax) kills this way")
+    return f"died {START_ATTEMPTS} times before it was ready, the last with exit code {code}"
 
 
 def _stop_child(child: Child, timeout_s: float) -> None:

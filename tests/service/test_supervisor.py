@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from service.notify_socket import NotifySocket
-from service.supervisor import Child, SystemdLink, _check_watchdog, _read_notify
+from service.supervisor import (
+    EXIT_CANNOT_START,
+    START_ATTEMPTS,
+    Child,
+    SystemdLink,
+    _check_watchdog,
+    _read_notify,
+    _restart_dead,
+)
 from shared.sd_notify import notify
 
 
@@ -27,6 +35,45 @@ def test_notify_socket_is_private_and_reads_every_message(tmp_path: Path) -> Non
     finally:
         sock.close()
     assert not sock.path.exists()
+
+
+# Killed as the OOM killer kills: SIGKILL, optionally after READY=1.
+KILLED = """
+import os, signal, sys, time
+from shared.sd_notify import notify
+if sys.argv[1] == "ready":
+    notify("READY=1")
+    time.sleep(0.5)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _deaths(tmp_path: Path, when: str) -> list[int | None]:
+    """START_ATTEMPTS processes of one child, each killed (`when` "ready": after READY=1), and
+    what the supervisor decides after each death."""
+    child = Child("engine", NotifySocket(tmp_path / "notify-engine.sock"))
+    decisions = []
+    try:
+        for _ in range(START_ATTEMPTS):
+            child.start([sys.executable, "-c", KILLED, when], watchdog_s=5.0)
+            assert child.proc is not None
+            deadline = time.monotonic() + 30
+            while child.proc.poll() is None and time.monotonic() < deadline:
+                _read_notify(child, time.monotonic())
+                time.sleep(0.02)
+            assert child.proc.wait(30) == -9
+            decisions.append(_restart_dead({"engine": child}, None, 5.0))  # restarts are ours, above
+    finally:
+        child.notify.close()
+    return decisions
+
+
+def test_a_child_killed_before_it_is_ready_again_and_again_stops_the_service(tmp_path: Path) -> None:
+    """An engine the OOM killer kills while loading (weights over a cgroup's limit) would only
+    be killed again: after START_ATTEMPTS such deaths the service stops (exit 2) instead of
+    looping; a child that was ready before it died is restarted every time."""
+    assert _deaths(tmp_path, "loading") == [None] * (START_ATTEMPTS - 1) + [EXIT_CANNOT_START]
+    assert _deaths(tmp_path, "ready") == [None] * START_ATTEMPTS
 
 
 # A child that says READY=1 (with the watchdog interval it was given), pings twice, then hangs.

@@ -75,8 +75,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--spec-max-tokens", type=int, default=20, help="the spec's request")
-    parser.add_argument("--memory-gb", type=float, default=4.0,
-                        help="the capacity phase's memory_gb and cgroup memory limit (GiB)")
+    parser.add_argument("--memory-gb", default="4,6",
+                        help="the capacity phase's memory_gb and cgroup memory limit (GiB), each a run")
     parser.add_argument("--kv-dtypes", default="auto,fp8", help="KV cache dtypes of the capacity phase")
     parser.add_argument("--burst", type=int, default=16,
                         help="capacity phase: concurrent streams at once, more than the cache holds")
@@ -285,7 +285,7 @@ def _gauge(server: Any, name: str) -> float | None:
     return None
 
 
-def _capacity_run(system: str, variant: str, kv_dtype: str, args: argparse.Namespace,
+def _capacity_run(system: str, variant: str, kv_dtype: str, memory_gb: float, args: argparse.Namespace,
                   kv_cache_bytes: int = 0) -> dict[str, Any]:
     """One system in a fresh cgroup limited to --memory-gb: ready or not (and why), its KV
     cache, the tree at idle, a burst, and the group's OOM kills and the tree's peak RSS."""
@@ -293,12 +293,12 @@ def _capacity_run(system: str, variant: str, kv_dtype: str, args: argparse.Names
     from tests.cgroups import limited_memory
 
     row: dict[str, Any] = {"phase": "capacity", "variant": variant, "system": system, "kv_cache_dtype": kv_dtype,
-                           "memory_gb": args.memory_gb}
+                           "memory_gb": memory_gb}
     config = _config(args)
-    with limited_memory(int(args.memory_gb * 2**30)) as group:
+    with limited_memory(int(memory_gb * 2**30)) as group:
         if system == "citadel":
             server = start_citadel(config, "citadel", preexec_fn=group.join, model_path=str(_model_dir(args, variant)),
-                                   dtype="bfloat16", memory_gb=str(args.memory_gb), kv_cache_dtype=kv_dtype,
+                                   dtype="bfloat16", memory_gb=str(memory_gb), kv_cache_dtype=kv_dtype,
                                    max_num_seqs=str(args.max_num_seqs), max_model_len=str(args.max_model_len),
                                    max_num_batched_tokens=str(args.max_num_batched_tokens),
                                    efficiency_mode="false", log_level="INFO", request_timeout_s=str(args.start_timeout_s),
@@ -310,10 +310,11 @@ def _capacity_run(system: str, variant: str, kv_dtype: str, args: argparse.Names
                                 kv_cache_bytes=kv_cache_bytes, extra=extra, preexec_fn=group.join)
         try:
             try:
-                server.wait_ready(timeout_s=args.start_timeout_s)
+                server.wait_ready(timeout_s=args.start_timeout_s,
+                                  give_up=lambda: "killed for memory while starting" if group.oom_kills() else "")
             except RuntimeError as err:
-                row.update(ready=False, why=str(err), oom_kills=group.oom_kills(),
-                           log=_last_line(server.log_path, "fit") or _last_line(server.log_path, "Error"))
+                row.update(ready=False, why=str(err), oom_kills=group.oom_kills(), group_peak_mb=group.peak_bytes() >> 20,
+                           log=_last_line(server.log_path, "do not fit") or _last_line(server.log_path, "Error"))
                 return row
             row.update(ready=True, ready_s=round(server.ready_s, 1), idle_rss_mb=_tree_by_role(server))
             row["idle_tree_rss_mb"] = sum(row["idle_rss_mb"].values())
@@ -324,7 +325,7 @@ def _capacity_run(system: str, variant: str, kv_dtype: str, args: argparse.Names
             else:
                 row["kv_cache_bytes"] = kv_cache_bytes
             row.update(_burst(server, args))
-            row.update(alive=server.proc.poll() is None, oom_kills=group.oom_kills(),
+            row.update(alive=server.proc.poll() is None, oom_kills=group.oom_kills(), group_peak_mb=group.peak_bytes() >> 20,
                        peak_tree_rss_mb=round(server.peak_rss_mb))
             if system == "citadel":  # its own account (computed at scrape), beside the benchmark's
                 row["tok_per_cpu_s"] = {"metrics": _gauge(server, "phi3_mini_tokens_per_cpu_second"),
@@ -345,15 +346,16 @@ def phase_capacity(run: Run, args: argparse.Namespace) -> None:
         print(f"capacity: skipped: {reason}", flush=True)
         return
     for variant in _variants(run, args):
-        for kv_dtype in [k for k in args.kv_dtypes.split(",") if k]:
-            ours = _capacity_run("citadel", variant, kv_dtype, args)
-            run.results.append(ours)
-            print(json.dumps(ours), flush=True)
-            if not ours.get("ready"):
-                continue  # refused (the weights do not fit): nothing to give vLLM's server
-            theirs = _capacity_run("vllm", variant, kv_dtype, args, kv_cache_bytes=ours["kv_cache_bytes"])
-            run.results.append(theirs)
-            print(json.dumps(theirs), flush=True)
+        for memory_gb in [float(m) for m in args.memory_gb.split(",") if m]:
+            for kv_dtype in [k for k in args.kv_dtypes.split(",") if k]:
+                ours = _capacity_run("citadel", variant, kv_dtype, memory_gb, args)
+                run.results.append(ours)
+                print(json.dumps(ours), flush=True)
+                if not ours.get("ready"):
+                    break  # the weights do not fit: nothing to give vLLM's server, and fp8 would not fit either
+                theirs = _capacity_run("vllm", variant, kv_dtype, memory_gb, args, kv_cache_bytes=ours["kv_cache_bytes"])
+                run.results.append(theirs)
+                print(json.dumps(theirs), flush=True)
 
 
 def _cell(value: Any) -> str:
@@ -396,15 +398,15 @@ def table(run: Run) -> str:
     capacity = [r for r in run.results if r["phase"] == "capacity"]
     if capacity:
         out += ["", "**capacity: the whole tree in a cgroup of memory_gb**", "",
-                "| variant | KV dtype | system | ready | KV tokens (bytes) | idle tree (MB) | burst ok/failed | "
-                "tok/s | tok/CPU-s: /metrics, measured | peak tree (MB) | OOM kills |", "| --- |" + " --- |" * 10]
+                "| variant | memory_gb | KV dtype | system | ready | KV tokens (bytes) | idle tree (MB) | burst ok/failed | "
+                "tok/s | tok/CPU-s: /metrics, measured | peak tree / cgroup (MB) | OOM kills |", "| --- |" + " --- |" * 11]
         for r in capacity:
             ready = f"{r['ready_s']} s" if r.get("ready") else f"no: {r.get('log') or r.get('why')}"
-            out.append(f"| {r['variant']} | {r['kv_cache_dtype']} | {r['system']} | {ready} | "
+            out.append(f"| {r['variant']} | {r['memory_gb']:g} | {r['kv_cache_dtype']} | {r['system']} | {ready} | "
                        f"{_cell(r.get('kv_cache_tokens'))} ({_cell(r.get('kv_cache_bytes'))}) | "
                        f"{_cell(r.get('idle_tree_rss_mb'))} | {_cell(r.get('ok'))}/{_cell(r.get('failed'))} | "
                        f"{_cell(r.get('output_tok_s'))} | {' , '.join(_cell(v) for v in r.get('tok_per_cpu_s', {}).values()) or '–'} | "
-                       f"{_cell(r.get('peak_tree_rss_mb'))} | {_cell(r.get('oom_kills'))} |")
+                       f"{_cell(r.get('peak_tree_rss_mb'))} / {_cell(r.get('group_peak_mb'))} | {_cell(r.get('oom_kills'))} |")
     return "\n".join(out) + "\n"
 
 

@@ -56,11 +56,15 @@ class Server:
         while not self._sampling.wait(0.25):
             self.peak_rss_mb = max(self.peak_rss_mb, self.tree_rss_mb())
 
-    def wait_ready(self, timeout_s: float = 600) -> None:
+    def wait_ready(self, timeout_s: float = 600, give_up: Callable[[], str] = lambda: "") -> None:
+        """Until /health answers 200; RuntimeError if the server exits, `give_up` says why not
+        to wait any longer (e.g. an OOM kill that a supervisor would only restart), or time runs out."""
         started = time.monotonic()
         while time.monotonic() - started < timeout_s:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
+            if why := give_up():
+                raise RuntimeError(f"{self.name}: {why}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
                     if resp.status == 200:

@@ -314,7 +314,7 @@ def _capacity_run(system: str, variant: str, kv_dtype: str, memory_gb: float, ar
                                   give_up=lambda: "killed for memory while starting" if group.oom_kills() else "")
             except RuntimeError as err:
                 row.update(ready=False, why=str(err), oom_kills=group.oom_kills(), group_peak_mb=group.peak_bytes() >> 20,
-                           log=_last_line(server.log_path, "do not fit") or _last_line(server.log_path, "Error"))
+                           log=_last_line(server.log_path, "do not fit") or _last_line(server.log_path, "ValueError"))
                 return row
             row.update(ready=True, ready_s=round(server.ready_s, 1), idle_rss_mb=_tree_by_role(server))
             row["idle_tree_rss_mb"] = sum(row["idle_rss_mb"].values())
@@ -328,7 +328,7 @@ def _capacity_run(system: str, variant: str, kv_dtype: str, memory_gb: float, ar
             row.update(alive=server.proc.poll() is None, oom_kills=group.oom_kills(), group_peak_mb=group.peak_bytes() >> 20,
                        peak_tree_rss_mb=round(server.peak_rss_mb))
             if system == "citadel":  # its own account (computed at scrape), beside the benchmark's
-                row["tok_per_cpu_s"] = {"metrics": _gauge(server, "phi3_mini_tokens_per_cpu_second"),
+                row["tok_per_cpu_s"] = {"metrics": round(_gauge(server, "phi3_mini_tokens_per_cpu_second") or 0, 2),
                                         "benchmark": round(row["output_tokens"] / server.tree_cpu_s(), 2)}
             return row
         finally:
@@ -401,7 +401,7 @@ def table(run: Run) -> str:
                 "| variant | memory_gb | KV dtype | system | ready | KV tokens (bytes) | idle tree (MB) | burst ok/failed | "
                 "tok/s | tok/CPU-s: /metrics, measured | peak tree / cgroup (MB) | OOM kills |", "| --- |" + " --- |" * 11]
         for r in capacity:
-            ready = f"{r['ready_s']} s" if r.get("ready") else f"no: {r.get('log') or r.get('why')}"
+            ready = f"{r['ready_s']} s" if r.get("ready") else f"no: {r['why']}" + (f" ({r['log']})" if r.get("log") else "")
             out.append(f"| {r['variant']} | {r['memory_gb']:g} | {r['kv_cache_dtype']} | {r['system']} | {ready} | "
                        f"{_cell(r.get('kv_cache_tokens'))} ({_cell(r.get('kv_cache_bytes'))}) | "
                        f"{_cell(r.get('idle_tree_rss_mb'))} | {_cell(r.get('ok'))}/{_cell(r.get('failed'))} | "

@@ -137,16 +137,17 @@ def _model_dir(args: argparse.Namespace, variant: str) -> Path:
 def phase_models(run: Run, args: argparse.Namespace) -> None:
     """Make the missing checkpoints (service/full_size_model.py: shard by shard, never the whole
     model in memory; its own disk check refuses if there is no room); record time and size."""
-    from service.full_size_model import make_full_model
+    from service.full_size_model import MARKER_FILE, make_full_model
 
     for variant in _variants(run, args):
         out = _model_dir(args, variant)
         started = time.monotonic()
+        kept = (out / MARKER_FILE).exists()  # the same model, or make_full_model refuses the folder
         make_full_model(out, dtype="bfloat16", quantization=None if variant == "bfloat16" else variant)
         size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         run.models[variant] = str(out)
         run.results.append({"phase": "models", "variant": variant, "seconds": round(time.monotonic() - started, 1),
-                            "weights_gb": round(size / 1e9, 2)})
+                            "weights_gb": round(size / 1e9, 2), "kept": kept})
         print(f"{variant}: {out}, {size / 1e9:.2f} GB of weights", flush=True)
 
 
@@ -236,7 +237,8 @@ def phase_serve(run: Run, args: argparse.Namespace) -> None:
                 try:
                     idle = _tree_by_role(server)
                     load = {**row, "phase": "load", "ready_s": round(server.ready_s, 1), "idle_rss_mb": idle,
-                            "idle_tree_rss_mb": sum(idle.values())}
+                            "idle_tree_rss_mb": sum(idle.values()),
+                            **({"kv_cache_tokens": _card(server)["kv_cache_tokens"]} if system == "citadel" else {})}
                     run.results.append(load)
                     print(json.dumps(load), flush=True)
                     _measure(run, server, row, args)
@@ -362,6 +364,14 @@ def _cell(value: Any) -> str:
     return "–" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def _reason(line: str) -> str:
+    """A log line's `reason` (this service logs JSON), else the line."""
+    try:
+        return str(json.loads(line).get("reason", line))
+    except (ValueError, AttributeError):
+        return line
+
+
 def table(run: Run) -> str:
     """The run as markdown: per variant, one column per system (and engine threads), then the
     capacity rows. What BENCHMARKS.md quotes."""
@@ -370,7 +380,8 @@ def table(run: Run) -> str:
     for skip in run.skipped:
         out.append(f"- skipped {skip['phase']}/{skip['variant']}/{skip['system']}: {skip['reason']}")
     for model in (r for r in run.results if r["phase"] == "models"):
-        out.append(f"- {model['variant']}: {model['weights_gb']} GB of weights, written in {model['seconds']} s")
+        how = "made by an earlier run" if model.get("kept") else f"written in {model['seconds']} s"
+        out.append(f"- {model['variant']}: {model['weights_gb']} GB of weights, {how}")
     served = [r for r in run.results if r["phase"] in ("load", "throughput", "spec", "peak")]
     for variant in dict.fromkeys(r["variant"] for r in served):
         rows = [r for r in served if r["variant"] == variant]
@@ -401,7 +412,7 @@ def table(run: Run) -> str:
                 "| variant | memory_gb | KV dtype | system | ready | KV tokens (bytes) | idle tree (MB) | burst ok/failed | "
                 "tok/s | tok/CPU-s: /metrics, measured | peak tree / cgroup (MB) | OOM kills |", "| --- |" + " --- |" * 11]
         for r in capacity:
-            ready = f"{r['ready_s']} s" if r.get("ready") else f"no: {r['why']}" + (f" ({r['log']})" if r.get("log") else "")
+            ready = f"{r['ready_s']} s" if r.get("ready") else f"no: {r['why']}" + (f" ({_reason(r['log'])})" if r.get("log") else "")
             out.append(f"| {r['variant']} | {r['memory_gb']:g} | {r['kv_cache_dtype']} | {r['system']} | {ready} | "
                        f"{_cell(r.get('kv_cache_tokens'))} ({_cell(r.get('kv_cache_bytes'))}) | "
                        f"{_cell(r.get('idle_tree_rss_mb'))} | {_cell(r.get('ok'))}/{_cell(r.get('failed'))} | "

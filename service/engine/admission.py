@@ -26,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -81,6 +82,7 @@ class Admission:
         self.limits_reason = "start-up: the configured ceilings"
         self.max_queue, self.target_latency_s, self.shed = max_queue, target_latency_s, shed
         self.seqs = 0  # sequences in flight in vLLM
+        self.arriving = 0  # sequences of requests past check() and not yet admitted (being tokenized)
         self.tokens = 0  # tokens in flight, as counted above
         self.running = 0  # requests in flight in vLLM
         self.admitted_total = 0
@@ -137,8 +139,19 @@ class Admission:
 
     @property
     def backlog(self) -> int:
-        """Sequences waiting: in this queue, and in vLLM's own beyond max_num_seqs."""
-        return len(self._queue) + max(0, self.seqs - self.limits.max_num_seqs)
+        """Sequences waiting: in this queue, and beyond max_num_seqs in vLLM's own or on their
+        way to it (being tokenized: a burst arriving at once is all past check() before any of
+        it is queued, so without them 100 requests at once all got in past a max_queue of 64)."""
+        return len(self._queue) + max(0, self.seqs + self.arriving - self.limits.max_num_seqs)
+
+    @contextmanager
+    def preparing(self, seqs: int) -> Iterator[None]:
+        """A request between check() and admit(): its sequences count in the backlog."""
+        self.arriving += seqs
+        try:
+            yield
+        finally:
+            self.arriving -= seqs
 
     def estimated_wait_s(self) -> float:
         """How long a request arriving now would wait, by Little's law: the backlog ahead of

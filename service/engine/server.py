@@ -266,19 +266,20 @@ class EngineServer:
         running_s: float | None = None  # vLLM's own: scheduled -> last token
         finished = False
         try:
+            n = msg.params.n
             if not msg.probe:  # the health probe is never refused: it asks whether the engine moves
                 self.admission.check()  # before tokenizing: refusing must be the cheapest answer
-            if msg.chat is not None:
-                ids = self._fit(await self._chat_ids(msg.chat), "messages")
-            else:
-                ids = await self._prompt_ids(msg.prompt)
-            want_logprobs = msg.params.logprobs is not None
-            params = self._sampling(msg.params, len(ids), msg.stream, echo=msg.echo and want_logprobs)
-            echo = ""
-            if msg.echo:
-                echo = msg.prompt if isinstance(msg.prompt, str) else await self._decode(ids)
+            with self.admission.preparing(0 if msg.probe else n):
+                if msg.chat is not None:
+                    ids = self._fit(await self._chat_ids(msg.chat), "messages")
+                else:
+                    ids = await self._prompt_ids(msg.prompt)
+                want_logprobs = msg.params.logprobs is not None
+                params = self._sampling(msg.params, len(ids), msg.stream, echo=msg.echo and want_logprobs)
+                echo = ""
+                if msg.echo:
+                    echo = msg.prompt if isinstance(msg.prompt, str) else await self._decode(ids)
             echo_logprobs: list[p.TokenLogprob] | None = None
-            n = msg.params.n
             ticket = await self.admission.admit(n, max(len(ids), n), arrived, counted=not msg.probe)
             prompt = self._TokensPrompt(prompt_token_ids=ids)
             request_id = f"{conn.conn_id}-{rid}"

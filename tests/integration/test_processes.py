@@ -207,9 +207,18 @@ def test_deadline_gives_504_and_aborts_in_the_engine(own_service: ServiceProcess
 def test_overload_is_refused_at_once_with_429(own_service: ServiceProcess) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
+    # 100 at once are more than the 32 vLLM runs plus the 64 that may wait, as long as the
+    # first ones are still running when the last arrive: each takes about a second on this
+    # machine (60 tokens was 0.3 s on a fast one: the burst drained as it arrived, none
+    # refused), and the waves that are let in end well inside the 6 s deadline
+    started = time.monotonic()
+    status, _ = post(own_service, {"prompt": "pace", "max_tokens": 32, "n": 16, "ignore_eos": True})
+    assert status == 200
+    tokens = max(8, min(1000, int(1.0 / ((time.monotonic() - started) / 32))))
+
     def timed(_: int) -> tuple[int, float, dict]:
         started = time.monotonic()
-        status, body = post(own_service, {"prompt": "busy", "max_tokens": 60, "ignore_eos": True})
+        status, body = post(own_service, {"prompt": "busy", "max_tokens": tokens, "ignore_eos": True})
         return status, time.monotonic() - started, body
 
     with ThreadPoolExecutor(max_workers=100) as pool:

@@ -251,6 +251,24 @@ async def test_waiting_means_one_thing_at_the_ceilings_too() -> None:
         adm.finish(t, None)
 
 
+async def test_requests_being_tokenized_count_as_waiting() -> None:
+    """A burst arriving at once is all past check() before any of it is queued: those still
+    being tokenized count against max_queue beyond what vLLM may run."""
+    clock = Clock()
+    adm = Admission(Limits(2, 100), 3, target_latency_s=0.5, max_rps=None, shed=False, clock=clock)
+    with adm.preparing(2):  # these would start at once: not waiting
+        adm.check()
+        with adm.preparing(3):
+            assert adm.backlog == 3
+            with pytest.raises(Refused) as refused:
+                adm.check()
+            assert refused.value.reason == "queue_full"
+    assert adm.arriving == 0 and adm.backlog == 0
+    with pytest.raises(ValueError), adm.preparing(4):  # a prompt that fails to tokenize leaves no trace
+        raise ValueError("bad prompt")
+    assert adm.arriving == 0
+
+
 async def test_the_health_probe_is_not_counted() -> None:
     clock = Clock()
     adm = make()

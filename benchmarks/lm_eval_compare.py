@@ -42,7 +42,8 @@ def start_citadel(model: Path) -> Server:
 
 
 def start_vllm(model: Path, log_path: Path) -> Server:
-    return servers.start_vllm(engine_config(), log_path, model=model, served=SERVED, extra=("--enforce-eager",))
+    return servers.start_vllm(engine_config(), log_path, model=model, served=SERVED, extra=("--enforce-eager",),
+                              dtype="float32")
 
 
 def evaluate(server: Server, model: Path, tasks: Path, out: Path) -> dict[str, Any]:

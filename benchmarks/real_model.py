@@ -1,5 +1,6 @@
 """The real instruct model (`make real-model`: SmolLM2-135M-Instruct, 30 layers) served by this
-service and by vLLM's own OpenAI server, side by side in one run, same dtype (float32) and the
+service and by vLLM's own OpenAI server, side by side in one run, same dtype (what `dtype: auto`
+serves in on this host: bfloat16 on a CPU with bf16 instructions, float32 elsewhere) and the
 same KV cache (vLLM is given exactly the bytes this service's engine made of memory_gb):
 
 - greedy text: the same chat and completion prompts on both, answers compared character by character;
@@ -41,6 +42,7 @@ from ab_compare import run_ab  # noqa: E402
 from loadgen import Load, run  # noqa: E402
 from servers import (CAPACITY, Server, bench_model, engine_config, kv_cache_bytes, start_citadel,  # noqa: E402
                      start_vllm, wait_quiet, write_result)
+from service.engine.settings import resolve_dtype  # noqa: E402
 
 CHATS = (
     "What is the capital of France?", "What is the chemical formula of water?",
@@ -133,11 +135,12 @@ def main() -> int:
         # vLLM gets exactly the KV cache this service's engine made of memory_gb: the same
         # cache, so that the trees' memory differs only by what each runs beside it
         report["kv_cache_bytes"] = kv = kv_cache_bytes(servers["citadel"])
+        report["dtype"] = resolve_dtype(config, cpu=True)
         servers["vllm"] = start_vllm(config, work / "vllm.log", kv_cache_bytes=kv,
                                      extra=("--enforce-eager",) if args.enforce_eager else ())
         servers["vllm"].wait_ready(timeout_s=1200)
         report["ready_s"] = {name: s.ready_s for name, s in servers.items()}
-        print(f"model {bench_model()}; ready after {report['ready_s']['citadel']:.0f} s (citadel-llm), "
+        print(f"model {bench_model()} in {report['dtype']}; ready after {report['ready_s']['citadel']:.0f} s (citadel-llm), "
               f"{report['ready_s']['vllm']:.0f} s (vLLM server)", flush=True)
         if not args.only:
             answers = {name: greedy_answers(s) for name, s in servers.items()}

@@ -42,8 +42,7 @@ def start_citadel(model: Path) -> Server:
 
 
 def start_vllm(model: Path, log_path: Path) -> Server:
-    return servers.start_vllm(engine_config(), log_path, model=model, served=SERVED, extra=("--enforce-eager",),
-                              dtype="float32")
+    return servers.start_vllm(engine_config(), log_path, model=model, served=SERVED, extra=("--enforce-eager",))
 
 
 def evaluate(server: Server, model: Path, tasks: Path, out: Path) -> dict[str, Any]:

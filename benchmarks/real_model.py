@@ -1,6 +1,6 @@
 """The real instruct model (`make real-model`: SmolLM2-135M-Instruct, 30 layers) served by this
-service and by vLLM's own OpenAI server, side by side in one run, same dtype (what `dtype: auto`
-serves in on this host: bfloat16 on a CPU with bf16 instructions, float32 elsewhere) and the
+service and by vLLM's own OpenAI server, side by side in one run, same dtype (the one this
+service's model card says it serves: float32 as ServiceProcess pins it, or PHI_3_MINI_DTYPE) and the
 same KV cache (vLLM is given exactly the bytes this service's engine made of memory_gb):
 
 - greedy text: the same chat and completion prompts on both, answers compared character by character;
@@ -40,9 +40,8 @@ os.environ.setdefault("CITADEL_BENCH_MODEL", "models/smollm2-135m-instruct")
 
 from ab_compare import run_ab  # noqa: E402
 from loadgen import Load, run  # noqa: E402
-from servers import (CAPACITY, Server, bench_model, engine_config, kv_cache_bytes, start_citadel,  # noqa: E402
+from servers import (CAPACITY, Server, bench_model, engine_config, model_card, start_citadel,  # noqa: E402
                      start_vllm, wait_quiet, write_result)
-from service.engine.settings import resolve_dtype  # noqa: E402
 
 CHATS = (
     "What is the capital of France?", "What is the chemical formula of water?",
@@ -132,11 +131,13 @@ def main() -> int:
     report: dict[str, Any] = {"model": str(bench_model()), "args": vars(args), "loads": {}}
     try:
         servers["citadel"].wait_ready(timeout_s=1200)
-        # vLLM gets exactly the KV cache this service's engine made of memory_gb: the same
-        # cache, so that the trees' memory differs only by what each runs beside it
-        report["kv_cache_bytes"] = kv = kv_cache_bytes(servers["citadel"])
-        report["dtype"] = resolve_dtype(config, cpu=True)
-        servers["vllm"] = start_vllm(config, work / "vllm.log", kv_cache_bytes=kv,
+        # vLLM gets exactly the KV cache this service's engine made of memory_gb, in the dtype
+        # it serves (ServiceProcess pins float32; PHI_3_MINI_DTYPE=bfloat16 changes it): the
+        # trees' memory differs only by what each runs beside it
+        card = model_card(servers["citadel"])
+        kv, dtype = int(card["kv_cache_bytes"]), card["dtype"]
+        report.update(kv_cache_bytes=kv, dtype=dtype)
+        servers["vllm"] = start_vllm(config, work / "vllm.log", kv_cache_bytes=kv, dtype=dtype,
                                      extra=("--enforce-eager",) if args.enforce_eager else ())
         servers["vllm"].wait_ready(timeout_s=1200)
         report["ready_s"] = {name: s.ready_s for name, s in servers.items()}

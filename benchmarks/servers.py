@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
-from service.engine.settings import kv_cache_args, resolve_dtype  # noqa: E402
+from service.engine.settings import kv_cache_args  # noqa: E402
 from shared.config import Phi3MiniConfig  # noqa: E402
 from service.local import ServiceProcess, demo_model_dir, free_port  # noqa: E402
 
@@ -104,10 +104,10 @@ def engine_config() -> Phi3MiniConfig:
 CAPACITY = {"efficiency_mode": "false"}
 
 
-def kv_cache_bytes(server: Server) -> int:
-    """The KV cache a running citadel-llm got (its model card says)."""
+def model_card(server: Server) -> dict[str, Any]:
+    """What a running citadel-llm really serves: its model card (dtype, kv_cache_bytes, ...)."""
     with urllib.request.urlopen(f"{server.url}/v1/models/phi-3-mini", timeout=30) as resp:
-        return int(json.loads(resp.read())["kv_cache_bytes"])
+        return json.loads(resp.read())
 
 
 def start_citadel(config: Phi3MiniConfig, name: str = "citadel", preexec_fn: Callable[[], None] | None = None,
@@ -126,15 +126,13 @@ def start_citadel(config: Phi3MiniConfig, name: str = "citadel", preexec_fn: Cal
 
 
 def start_vllm(config: Phi3MiniConfig, log_path: Path, model: Path | None = None, served: str = "phi-3-mini",
-               extra: tuple[str, ...] = (), dtype: str = "", kv_cache_bytes: int = 0,
+               extra: tuple[str, ...] = (), dtype: str = "float32", kv_cache_bytes: int = 0,
                preexec_fn: Callable[[], None] | None = None) -> Server:
-    """vLLM's own server on `model` (default: bench_model()) in `dtype` (default: the one this
-    service's `dtype: auto` serves in on this host, bfloat16 on a CPU with bf16 instructions
-    and float32 elsewhere) with the engine settings of `config` and this service's KV cache
-    arguments, or exactly `kv_cache_bytes` of cache (what a running citadel-llm reports it
-    got); `extra` are more of its flags."""
+    """vLLM's own server on `model` (default: bench_model()) in `dtype` (float32: what
+    ServiceProcess, and so start_citadel, pins this service to unless told) with the engine
+    settings of `config` and this service's KV cache arguments, or exactly `kv_cache_bytes` of
+    cache (what a running citadel-llm reports it got); `extra` are more of its flags."""
     model = model or bench_model()
-    dtype = dtype or resolve_dtype(config, cpu=True)
     port = free_port()
     kv = ({"kv_cache_memory_bytes": kv_cache_bytes} if kv_cache_bytes
           else kv_cache_args(config, model, dtype))

@@ -103,6 +103,9 @@ class EngineClient:
         self.ever_connected = False
         self.engine_restarts = 0  # handshakes with a new engine process after the first
         self._last_engine_pid = 0
+        # Outputs and failures delivered to requests, ever: output arriving is progress, whatever
+        # else is slow (the health probe reads it)
+        self.outputs_received = 0
         self._conn: _Connection | None = None
         self._rids = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
@@ -187,6 +190,7 @@ class EngineClient:
             conn.send(p.Abort(rid))
 
     def _deliver(self, conn: _Connection, rid: int, msg: p.Output | p.Failure) -> None:
+        self.outputs_received += 1
         sinks = conn.sinks
         sink = sinks.get(rid)
         if sink is None:

@@ -3,13 +3,16 @@ answer, and either make engine steps for the requests it holds or, when idle, ge
 token for the probe itself. Two failed probes in a row mark the engine stalled: /health says
 so, waiting requests get 503, and new ones are refused until a probe succeeds again.
 
-No output for a while, or a probe answered late, is a stall only if the EngineCore is not
-computing either: one step of a long prefill on a larger model or a busy 2-core host can take
-tens of seconds (a burst of 1,000-token prompts on a 30-layer model did), a probe sent as a
-burst arrives waits behind its prompts (a burst of 50 on the same model took 6 s), and failing
-those requests would be wrong; nor is a worker that answers late while feeding a full batch
-on a busy host. A stopped, deadlocked or starved EngineCore uses no CPU, and it computes only
-what the worker gave it: no answer while it computes is a busy engine, without is a stall."""
+Stalled means no progress, measured: a probe answered late is a stall only if, while it
+waited, no output reached any request and neither the EngineCore nor the engine worker used
+CPU; no output for a while with requests in flight is one only if the EngineCore is not
+computing. One step of a long prefill on a larger model or a busy 2-core host can take tens
+of seconds (a burst of 1,000-token prompts on a 30-layer model did), a probe sent as a burst
+arrives waits behind its prompts (a burst of 50 on the same model took 6 s), a worker whose
+loop is busy with one large answer (16 sequences of 20 log-probabilities) answers late, and
+a host whose cores are taken by others slows all of it: failing every request for any of
+those would be wrong. A stopped, deadlocked or starved engine uses no CPU and produces
+nothing: that is a stall."""
 
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ log = get_logger(__name__)
 
 PROBE_PROMPT = [1, 2, 3]  # token ids: no tokenizing, valid in any vocabulary of this model family
 PROBE_PARAMS = p.SamplingSpec(max_tokens=1, ignore_eos=True)
-# Below this share of one core since the last probe, an EngineCore without output is stalled.
+# Below this share of one core since the last probe, an engine without output is stalled.
 BUSY_CORES = 0.05
 
 
@@ -59,7 +62,10 @@ class HealthMonitor:
 
     async def probe(self) -> str | None:
         """None when the engine makes progress, else why not."""
-        pids = self._core_pids  # measured before and after with the same pids (an engine restart changes them)
+        # the EngineCore's and the worker's, measured before and after with the same pids (an
+        # engine restart changes them)
+        pids = self._engine_pids()
+        outputs_before = self.client.outputs_received
         sent, cpu_before = asyncio.get_running_loop().time(), self._core_cpu_s(pids)
         try:
             stats = await self.client.stats(self.timeout_s)
@@ -73,17 +79,26 @@ class HealthMonitor:
         except EngineUnavailable:
             return None  # not connected: reported as loading/unavailable already
         except (TimeoutError, DeadlineExceeded):
-            # A probe sent as a burst arrives waits behind its prompts, and a worker feeding a
-            # full batch on a busy host answers late: neither is a stall while the EngineCore
-            # computes (it only computes what the worker gave it).
+            # A probe sent as a burst arrives waits behind its prompts, a worker busy with a
+            # large answer or feeding a full batch on a busy host answers late: none of them is
+            # a stall while output arrives or the engine's processes compute.
             waited = asyncio.get_running_loop().time() - sent
-            if (self._core_cpu_s(pids) - cpu_before) / max(waited, 1e-3) >= BUSY_CORES:
-                log.info("engine busy: probe answered late while the EngineCore computes", waited_s=round(waited, 1))
+            outputs = self.client.outputs_received - outputs_before
+            cores = (self._core_cpu_s(pids) - cpu_before) / max(waited, 1e-3)
+            if outputs > 0 or cores >= BUSY_CORES:
+                log.info("engine busy: probe answered late while the engine makes progress",
+                         waited_s=round(waited, 1), outputs=outputs, cores=round(cores, 2))
                 return None
-            return f"no answer within {self.timeout_s:g} s"
+            return f"no answer within {self.timeout_s:g} s, no output and no CPU used meanwhile"
         except RequestFailed as exc:  # the probe is never refused (protocol.Generate.probe)
             return f"probe failed: {exc}"
         return None
+
+    def _engine_pids(self) -> list[int]:
+        """The EngineCore's pids (from the last stats) and the engine worker's (from its welcome)."""
+        info = self.client.info
+        worker = [info.engine_pid] if info is not None and info.engine_pid not in self._core_pids else []
+        return [*self._core_pids, *worker]
 
     def _computing(self, cpu_s: float) -> bool:
         """Whether the EngineCore used CPU over the last probe interval. A probe that follows

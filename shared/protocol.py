@@ -13,9 +13,9 @@ import enum
 
 import msgspec
 
-PROTOCOL_VERSION = 7  # 2: GetStats/EngineStats; 3: chat, logprobs, echo, tokenize; 4: admission, SetLimits; 5: probe;
+PROTOCOL_VERSION = 8  # 2: GetStats/EngineStats; 3: chat, logprobs, echo, tokenize; 4: admission, SetLimits; 5: probe;
 # 6: structured output (SamplingSpec.response_format), prompt_tokens on every Output;
-# 7: EngineStats.engine_cpu_s
+# 7: EngineStats.engine_cpu_s; 8: EngineStats.loop_lag_max_s
 
 
 class FinishReason(enum.IntEnum):
@@ -213,6 +213,8 @@ class EngineStats(_Msg, tag="stats"):
     # CPU seconds the EngineCore process has used: a step can take tens of seconds on a busy
     # or small CPU, and busy without output is slow, not stalled
     engine_cpu_s: float = 0.0
+    # the worker's event loop: the worst lateness of a timer over the last 10 s (shared/loop_lag.py)
+    loop_lag_max_s: float = 0.0
 
 
 class LimitsSet(_Msg, tag="limitsset"):

@@ -37,7 +37,7 @@ def run_engine(config: Phi3MiniConfig) -> int:
     from service.engine import settings
     from service.engine.lean_imports import skip_unused_modules
 
-    cpu = _cpu_host()
+    cpu = settings.cpu_host()
     os.environ.update(settings.prepare_environment(config, cpu))
     _route_vllm_logging(config)
     skip_unused_modules()  # before vLLM is imported; its spawned EngineCore does it in service.cli
@@ -62,16 +62,6 @@ def _route_vllm_logging(config: Phi3MiniConfig) -> None:
     except (OSError, UnsafeRuntimeDir):
         return  # the start fails on the runtime dir later, with its own message
     os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(path)
-
-
-GPU_DEVICES = (Path("/dev/nvidiactl"), Path("/dev/kfd"))  # NVIDIA's driver, AMD's ROCm
-
-
-def _cpu_host() -> bool:
-    """No GPU device node. Decided without importing torch: OpenMP reads its environment
-    (thread count, binding) once, when torch loads it, and the EngineCore's thread runs in
-    this process, so the environment must be set before torch is imported."""
-    return not any(path.exists() for path in GPU_DEVICES)
 
 
 async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
@@ -170,6 +160,7 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
         log.warning("SERVING THE RANDOM-WEIGHT DEMO MODEL: its output is noise", model_path=str(model.path))
     exit_code = EXIT_STOPPED
     try:
+        server.loop_lag.start()
         watch = loop.create_task(_watch(engine, server, parent), name="engine-watch")
         watchdog = loop.create_task(_systemd_watchdog(server), name="systemd-watchdog")
         stopped = loop.create_task(stop.wait(), name="stop-signal")
@@ -182,6 +173,7 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
         for task in (watch, stopped, watchdog):
             task.cancel()
         await asyncio.gather(watch, stopped, watchdog, return_exceptions=True)
+        await server.loop_lag.close()
         # Ordered shutdown: stop accepting, drain, cancel the rest, release the engine.
         listener.close()
         control.close()

@@ -23,6 +23,7 @@ from service.engine.stats import Counters, SchedulerSnapshot
 from shared import protocol as p
 from shared.framing import FrameConnection, FrameTooLarge, PeerNotReading
 from shared.logging import bind_request_id, get_logger
+from shared.loop_lag import LoopLag
 from shared.process_tree import child_pids, cpu_seconds
 
 log = get_logger(__name__)
@@ -30,6 +31,9 @@ _debug = False  # set by the worker's main when log_level is DEBUG
 
 # Above this share of one core, an EngineCore without output is computing (a long step), not stuck.
 BUSY_CORES = 0.05
+# Positions of an answer's log-probabilities converted in one turn of the event loop (~5 ms
+# with 20 top log-probabilities each)
+LOGPROB_POSITIONS_PER_TURN = 256
 INLINE_TOKENIZE_CHARS = 8192  # texts up to this are tokenized on the loop (~0.1 ms); longer ones on a thread
 _FINISH = {"stop": p.FinishReason.STOP, "length": p.FinishReason.LENGTH, "abort": p.FinishReason.ABORT}
 
@@ -87,6 +91,7 @@ class EngineServer:
         # or this process when the EngineCore runs on a thread of it (engine_core: thread).
         self.core_pids = core_pids
         self.counters = Counters()
+        self.loop_lag = LoopLag()  # started and closed by the process entry (main)
         self.dead = asyncio.Event()  # set when the engine core has died
         self.last_output = time.monotonic()  # when the engine last produced anything
         self._progress_seen = (self.last_output, 0.0)  # (when, EngineCore CPU seconds) at making_progress
@@ -297,7 +302,7 @@ class EngineServer:
                 choices = [
                     p.Choice(c.index, echo + c.text if echo else c.text, len(c.token_ids),
                              finish.get(c.finish_reason),  # type: ignore[arg-type]
-                             (echo_logprobs or []) + _logprobs(c, msg.params.logprobs) if want_logprobs else None)
+                             (echo_logprobs or []) + await _logprobs(c, msg.params.logprobs) if want_logprobs else None)
                     for c in out.outputs
                 ]
                 generated += sum(ch.tokens for ch in choices)
@@ -405,6 +410,7 @@ class EngineServer:
             e2e_p50_s=pct.e2e_p50_s, e2e_p95_s=pct.e2e_p95_s, service_p95_s=pct.service_p95_s,
             mean_service_s=adm.service_s,
             engine_cpu_s=cpu_seconds(self.core_pids()),
+            loop_lag_max_s=self.loop_lag.max_s(),
         )
 
     async def drain(self, timeout_s: float) -> None:
@@ -429,10 +435,15 @@ def _finished_with_error(spec: p.SamplingSpec) -> RequestError:
     return RequestError("vLLM failed this request (finish_reason 'error')", status=500)
 
 
-def _logprobs(completion: Any, k: int | None) -> list[p.TokenLogprob]:
-    """vLLM's per-position {token id: Logprob} maps, as the sampled token plus the top k."""
+async def _logprobs(completion: Any, k: int | None) -> list[p.TokenLogprob]:
+    """vLLM's per-position {token id: Logprob} maps, as the sampled token plus the top k. A whole
+    answer's (2,000 positions of 21 each, for each of 16 sequences) is converted a slice at a
+    time, the loop turning between slices: built in one go it held every other request and the
+    health probe for seconds."""
     result = []
-    for token_id, position in zip(completion.token_ids, completion.logprobs or ()):
+    for i, (token_id, position) in enumerate(zip(completion.token_ids, completion.logprobs or ())):
+        if i and i % LOGPROB_POSITIONS_PER_TURN == 0:
+            await asyncio.sleep(0)
         if position is None:
             continue
         sampled = position.get(token_id)

@@ -69,6 +69,16 @@ def resolve_model(config: Phi3MiniConfig) -> ModelChoice:
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
+GPU_DEVICES = (Path("/dev/nvidiactl"), Path("/dev/kfd"))  # NVIDIA's driver, AMD's ROCm
+
+
+def cpu_host() -> bool:
+    """No GPU device node. Decided without importing torch: OpenMP reads its environment
+    (thread count, binding) once, when torch loads it, and the EngineCore's thread runs in
+    the engine worker, so the environment must be set before torch is imported."""
+    return not any(path.exists() for path in GPU_DEVICES)
+
+
 def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether the CPU has bfloat16 instructions (AVX512-BF16 or AMX-BF16)."""
     try:

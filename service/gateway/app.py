@@ -13,7 +13,7 @@ from aiohttp import web
 
 from shared.engine_client import EngineClient, EngineUnavailable
 from service.gateway.health import HealthMonitor
-from service.gateway.keys import CLIENT, CONFIG, DRAINING, HEALTH, METRICS, STARTED
+from service.gateway.keys import CLIENT, CONFIG, DRAINING, HEALTH, LOOP_LAG, METRICS, STARTED
 from service.gateway.metrics import Metrics
 from service.gateway.errors import ApiError, error_response
 from service.gateway.middlewares import check_api_key, request_middleware
@@ -22,6 +22,7 @@ from service.gateway.runner import GatewayRunner
 from shared import sd_notify
 from shared.config import Phi3MiniConfig
 from shared.logging import get_logger
+from shared.loop_lag import LoopLag
 
 log = get_logger(__name__)
 
@@ -36,9 +37,11 @@ def create_app(config: Phi3MiniConfig) -> web.Application:
     app[CONFIG] = config
     app[CLIENT] = EngineClient(config.engine_socket_path())
     app[HEALTH] = HealthMonitor(app[CLIENT], config.health_check_interval)
-    app[METRICS] = Metrics()
+    app[LOOP_LAG] = LoopLag()
+    app[METRICS] = Metrics(app[LOOP_LAG])
     app[STARTED] = time.time()
     app[DRAINING] = asyncio.Event()
+    app.cleanup_ctx.append(_loop_lag)
     app.cleanup_ctx.append(_engine_client)
     add_routes(app)
     return app
@@ -70,6 +73,12 @@ async def metrics_server(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await runner.cleanup()
+
+
+async def _loop_lag(app: web.Application) -> AsyncIterator[None]:
+    app[LOOP_LAG].start()
+    yield
+    await app[LOOP_LAG].close()
 
 
 async def _engine_client(app: web.Application) -> AsyncIterator[None]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from aiohttp import web
@@ -62,8 +63,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if req.stream:
         return await _stream(request, req, model, chat, params, request_id)
     (out,) = await complete(request, [""], params, chat=chat)
-    choices = [s.ChatChoice(c.index, s.ChatMessageOut("assistant", c.text), _logprobs(c), finish(c.finish_reason))
-               for c in out.choices]
+    choices = []
+    for c in out.choices:
+        choices.append(s.ChatChoice(c.index, s.ChatMessageOut("assistant", c.text), _logprobs(c), finish(c.finish_reason)))
+        if c.logprobs:
+            await asyncio.sleep(0)  # a choice's log-probabilities a turn: other requests go on meanwhile
     completion_tokens = sum(c.tokens for c in out.choices)
     request[RECORD] = request_record([out], out.prompt_tokens, completion_tokens)
     body = encode(s.ChatCompletion(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from aiohttp import web
@@ -65,10 +66,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
         return await _stream(request, req, model, prompts, params, request_id)
     outputs = await complete(request, prompts, params, echo=req.echo)
     n = params.n
-    choices = [
-        s.CompletionChoice(i * n + c.index, c.text, _logprobs(c, 0), finish(c.finish_reason))
-        for i, out in enumerate(outputs) for c in out.choices
-    ]
+    choices = []
+    for i, out in enumerate(outputs):
+        for c in out.choices:
+            choices.append(s.CompletionChoice(i * n + c.index, c.text, _logprobs(c, 0), finish(c.finish_reason)))
+            if c.logprobs:
+                await asyncio.sleep(0)  # a choice's log-probabilities a turn: other requests go on meanwhile
     prompt_tokens = sum(out.prompt_tokens for out in outputs)
     completion_tokens = sum(c.tokens for out in outputs for c in out.choices)
     request[RECORD] = request_record(outputs, prompt_tokens, completion_tokens)

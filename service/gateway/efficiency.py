@@ -13,7 +13,7 @@ from aioprometheus import Gauge, Registry
 from aioprometheus.formats.text import TextFormatter
 
 from shared.engine_client import EngineUnavailable
-from service.gateway.keys import CLIENT, CONFIG, METRICS
+from service.gateway.keys import CLIENT, CONFIG, LOOP_LAG, METRICS
 from shared import protocol as p
 from shared.optimizations import optimization_settings
 
@@ -44,6 +44,9 @@ async def efficiency_document(app: web.Application) -> dict[str, Any]:
         "optimizations": optimization_settings(config),  # the limits in force are under "limits"
     }
     gateway_refused = {labels["reason"]: int(value) for labels, value in app[METRICS].refused.get_all()}
+    # how late each event loop ran over the last 10 s: one request holding a loop shows here
+    doc["loop_lag_ms"] = {"gateway": _ms(app[LOOP_LAG].max_s()),
+                          "engine": _ms(stats.loop_lag_max_s) if stats is not None else None}
     if stats is not None:
         doc["limits"] = {"max_num_seqs": stats.max_num_seqs, "max_num_batched_tokens": stats.max_num_batched_tokens,
                          "reason": stats.limits_reason}

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from service.gateway.request_record import RequestRecord
 from shared.engine_client import EngineClient, EngineUnavailable
+from shared.loop_lag import LoopLag
 from shared.process_tree import sibling_with_role
 from shared import protocol as p
 
@@ -29,7 +30,8 @@ GIB = float(1 << 30)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, loop_lag: LoopLag | None = None) -> None:
+        self._loop_lag = loop_lag  # the gateway's own event loop
         r = self.registry = Registry()
         self.requests = Counter("phi3_mini_requests_total", "HTTP requests by endpoint and status", registry=r)
         self.latency = Histogram("phi3_mini_request_latency_seconds",
@@ -57,6 +59,8 @@ class Metrics:
         self.tokens_per_gb_s = Gauge("phi3_mini_tokens_per_gigabyte_second",
                                      "Generated tokens per GiB-second of the service's resident memory",
                                      registry=r)
+        self.loop_lag = Gauge("phi3_mini_event_loop_lag_seconds",
+                              "Worst lateness of the event loop over the last 10 s, by process", registry=r)
         self.handling = 0  # requests being handled, health probes and scrapes left out: what a drain waits for
         self._procs: dict[int, psutil.Process] = {}
         self._gb_seconds = 0.0
@@ -98,7 +102,10 @@ class Metrics:
                 stats = await client.stats(STATS_TIMEOUT_S)
             except (EngineUnavailable, TimeoutError):
                 stats = None
+        if self._loop_lag is not None:
+            self.loop_lag.set({"process": "gateway"}, self._loop_lag.max_s())
         if stats is not None:
+            self.loop_lag.set({"process": "engine"}, stats.loop_lag_max_s)
             self.running.set({}, stats.running)
             self.waiting.set({}, stats.waiting)
             self.kv_cache.set({}, stats.kv_cache_usage)

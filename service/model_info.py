@@ -59,11 +59,11 @@ def _static_model(config: Phi3MiniConfig) -> tuple[str, bool]:
 
 
 def _static_dtype(config: Phi3MiniConfig) -> str:
-    if config.dtype != "auto":
-        return config.dtype
-    import torch
+    """What the engine would serve in: the engine's own rule (bfloat16 for `auto` on a CPU with
+    bf16 instructions), not a second one."""
+    from service.engine.settings import cpu_host, resolve_dtype
 
-    return "float32" if not torch.cuda.is_available() else "auto"
+    return resolve_dtype(config, cpu_host())
 
 
 def _handshake(config: Phi3MiniConfig) -> Any:

@@ -66,7 +66,7 @@ serve: install demo-model
 	$(VENV)/bin/citadel-llm serve
 
 test: install demo-model real-model tools
-	$(PY) -m pytest -m "not fleet"
+	$(PY) -m pytest -m "not fleet" --durations=15
 
 test-unit: install
 	$(PY) -m pytest tests/shared tests/service -m "not integration"
@@ -75,7 +75,7 @@ test-unit: install
 # starts, an engine kill and a rolling restart, so apart from `make test`; .ci/run runs both.
 .PHONY: test-fleet
 test-fleet: install demo-model tools
-	$(PY) -m pytest -m fleet tests/integration/test_fleet.py
+	$(PY) -m pytest -m fleet tests/integration/test_fleet.py --durations=15
 
 bench: install demo-model real-model tools
 	$(PY) -m pip install -q -e '.[cpu,test,bench]'

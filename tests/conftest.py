@@ -6,17 +6,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import ServiceProcess
+from tests.helpers import ServiceProcess, running
 
 
 @pytest.fixture(scope="session")
 def service() -> Iterator[ServiceProcess]:
-    svc = ServiceProcess().start()
-    try:
-        svc.wait_healthy()
+    # the one compiled engine of the suite, in the demo model's own layout: what `make serve` runs
+    with running(ServiceProcess(enforce_eager="false", engine_core="auto")) as svc:
         yield svc
-    finally:
-        svc.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,43 @@
-"""What the tests share: the local service process (service/local.py) and a bounded poll."""
+"""What the tests share: the local service process (service/local.py), eager unless a test asks
+for the compiled path, and a bounded poll."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from service.local import ROOT, STARTUP_TIMEOUT_S, ServiceProcess, demo_model_dir, free_port
+from service import local
+from service.local import ROOT, STARTUP_TIMEOUT_S, demo_model_dir, free_port
 
-__all__ = ["ROOT", "STARTUP_TIMEOUT_S", "ServiceProcess", "demo_model_dir", "free_port", "wait_for"]
+__all__ = ["ROOT", "STARTUP_TIMEOUT_S", "ServiceProcess", "demo_model_dir", "busy_cores", "free_port", "longest_tokens", "running", "wait_for"]
+
+
+class ServiceProcess(local.ServiceProcess):
+    """`citadel-llm serve` for a test: eager (`enforce_eager`) and with vLLM's EngineCore on a
+    thread of the engine worker (`engine_core: thread`) unless told otherwise. A cold
+    torch.compile costs ~30 s a start, spawning the EngineCore's own process (which imports vLLM
+    and torch again) ~6 s, and the suite starts a dozen engines. The shared service
+    (tests/conftest.py) runs as `make serve` does, compiled with the demo model's own layout
+    (the EngineCore in its process); so do the tests that kill, stop or look for that process."""
+
+    def __init__(self, **settings: str) -> None:
+        super().__init__(**{"enforce_eager": "true", "engine_core": "thread", **settings})
+
+
+@contextmanager
+def running(svc: ServiceProcess) -> Iterator[ServiceProcess]:
+    """The service started and healthy for the block, stopped after it (a fixture's body)."""
+    svc.start()
+    try:
+        svc.wait_healthy()
+        yield svc
+    finally:
+        svc.stop()
 
 
 def wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -17,3 +48,23 @@ def wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def longest_tokens(count: int) -> list[int]:
+    """The ids of the demo model's `count` longest tokens (to bias answers towards large events)."""
+    vocab = json.loads((demo_model_dir() / "tokenizer.json").read_text())["model"]["vocab"]
+    return [i for _, i in sorted(((-len(tok), i) for tok, i in vocab.items()))[:count]]
+
+
+@contextmanager
+def busy_cores(bound_s: float = 900.0) -> Iterator[None]:
+    """A CPU-bound process per core, at the caller's priority, until the block ends (and never
+    longer than bound_s): a host whose cores others take."""
+    loop = f"import time\nend = time.monotonic() + {bound_s}\nwhile time.monotonic() < end: pass"
+    burners = [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(os.cpu_count() or 2)]
+    try:
+        yield
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait(10)

@@ -117,18 +117,20 @@ async def test_abort_stops_a_long_generation(service: ServiceProcess) -> None:
     first = await peer.recv()
     assert isinstance(first, p.Output) and not first.finished
     peer.send(p.Abort(1))
-    # after the abort the worker still answers, and nothing more than a few in-flight deltas of rid 1 come
+    # after the abort the worker still answers, and rid 1 never runs to its 1,500 tokens: what
+    # still comes of it are the deltas already on their way (how many depends on the pace)
     peer.send(p.Generate(2, "next", p.SamplingSpec(max_tokens=2)))
-    late = 0
+    tokens_of_1 = sum(c.tokens for c in first.choices)
     while True:
-        msg = await peer.recv()
+        msg = await peer.recv(60)
         if msg.rid == 1:
-            late += 1
-            assert not (isinstance(msg, p.Output) and msg.finished and sum(c.tokens for c in msg.choices) > 100)
+            if isinstance(msg, p.Output):
+                tokens_of_1 += sum(c.tokens for c in msg.choices)
+                assert not any(c.finish_reason == p.FinishReason.LENGTH for c in msg.choices), msg
             continue
         if isinstance(msg, p.Output) and msg.finished:
             break
-    assert late < 50
+    assert tokens_of_1 < 1500
     peer.close()
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.lm_eval_tasks import generations, loglikelihoods, run_lm_eval, write_tasks
-from service.local import ServiceProcess, demo_model_dir
+from tests.helpers import ServiceProcess, demo_model_dir
 
 pytestmark = pytest.mark.integration
 

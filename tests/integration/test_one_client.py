@@ -1,23 +1,66 @@
 """One client never hurts another: the breaks an attack on the running service found, each by
-name, on the real processes. Each of these failed before its fix."""
+name, on the real processes. Each of these failed before its fix.
+
+They run on a busy host: CPU-bound processes started here keep both cores taken for the whole
+module (a noisy neighbour, a compile, a conversion on the same box), and /health is watched
+all along. A slow engine is not a stalled one: every bad input still gets its 4xx, a normal
+request its 200, /health stays 200 and nothing fails with 503 (it did: one large answer on a
+busy host turned the engine "stalled" and every client got 503). The tokenize flood (break 5)
+and the stalled stream readers (break 6) run on a busy host too, on a service with a 1 s probe
+and client timeout: tests/integration/test_processes.py."""
 
 from __future__ import annotations
 
 import asyncio
 import gzip
 import json
+import os
 import socket
-import urllib.request
+import subprocess
+import sys
+import threading
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.helpers import ServiceProcess
+from tests.helpers import ServiceProcess, busy_cores, longest_tokens, wait_for
 
 pytestmark = pytest.mark.integration
 HUGE = 2**64  # beyond what the engine's wire protocol carries
+BUSY_FOR_S = 900  # the burners' own bound; the module stops them when it ends
+
+
+@pytest.fixture(scope="module", autouse=True)
+def busy_host(service: ServiceProcess) -> Iterator[None]:
+    """A CPU-bound process per core, at the service's own priority, for the whole module; and
+    /health polled every 0.25 s meanwhile, which must answer 200 every time."""
+    seen: list[int | str] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.25):
+            try:
+                with urllib.request.urlopen(service.base_url + "/health", timeout=30) as resp:
+                    seen.append(resp.status)
+            except urllib.error.HTTPError as exc:
+                seen.append(f"{exc.code} {exc.read()[:200]!r}")
+            except OSError as exc:
+                seen.append(repr(exc))
+
+    watcher = threading.Thread(target=watch, name="health-watch")
+    with busy_cores(BUSY_FOR_S):
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watcher.join(60)
+    assert seen and all(status == 200 for status in seen), [s for s in seen if s != 200][:10]
 
 
 def raw_http(svc: ServiceProcess, request: bytes, timeout_s: float = 30) -> tuple[int, dict[str, str], bytes]:
@@ -98,11 +141,10 @@ def test_break_3_gzip_bodies_that_are_valid_still_work(service: ServiceProcess) 
     assert status == 200, payload[:300]
 
 
-def test_service_answers_at_normal_speed_after_the_breaks(service: ServiceProcess) -> None:
-    started = time.monotonic()
+def test_service_still_serves_after_the_breaks(service: ServiceProcess) -> None:
     status, _, payload = post_raw(service, "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2}).encode())
     assert status == 200, payload[:300]
-    assert time.monotonic() - started < 30
+    assert 1 <= json.loads(payload)["usage"]["completion_tokens"] <= 2
 
 
 def _log_lines_since(svc: ServiceProcess, offset: int) -> list[dict]:
@@ -171,10 +213,6 @@ async def test_break_4_a_client_gone_mid_stream_is_a_499_without_a_traceback(ser
 def test_break_7_a_runtime_dir_of_another_user_is_refused(tmp_path: Path) -> None:
     """An existing /tmp/citadel-llm-0-<port> owned by another user, mode 0777, was used as it
     was: a link placed there let the root orchestrator overwrite a root-owned file."""
-    import os
-    import subprocess
-    import sys
-
     if os.getuid() != 0:
         pytest.skip("needs root to make a dir of another user")
     theirs = tmp_path / "theirs"
@@ -185,33 +223,32 @@ def test_break_7_a_runtime_dir_of_another_user_is_refused(tmp_path: Path) -> Non
     victim.write_bytes(b"precious")
     (theirs / "efficiency.json").symlink_to(victim)
     env = {**ServiceProcess().env, "PHI_3_MINI_RUNTIME_DIR": str(theirs)}
-    for role in ("serve", "engine", "orchestrator"):
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", role], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
-        try:
-            out, _ = proc.communicate(timeout=8 if role == "orchestrator" else 120)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            out, _ = proc.communicate(timeout=30)
-        text = out.decode(errors="replace")
-        assert "belongs to uid 65534" in text, text[-2000:]
-        if role in ("serve", "engine"):
-            assert proc.returncode == 2, text[-2000:]  # a failed start, before loading anything
+    procs = {}
+    for role in ("serve", "engine", "orchestrator"):  # side by side: each is seconds of imports
+        with open(tmp_path / f"{role}.log", "wb") as out:
+            procs[role] = subprocess.Popen([sys.executable, "-m", "service.cli", role], env=env, stdout=out,
+                                           stderr=subprocess.STDOUT)
+    try:
+        for role, proc in procs.items():
+            out_path = tmp_path / f"{role}.log"
+            if role == "orchestrator":  # it keeps running, refusing to write its report each interval
+                wait_for(lambda: b"belongs to uid 65534" in out_path.read_bytes(), 120, "the orchestrator's refusal")
+            else:
+                assert proc.wait(120) == 2, out_path.read_text(errors="replace")[-2000:]  # a failed start
+            assert "belongs to uid 65534" in out_path.read_text(errors="replace"), role
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
     assert victim.read_bytes() == b"precious"
     assert not (theirs / "engine.sock").exists()
-
-
-def _longest_tokens(count: int) -> list[int]:
-    from tests.helpers import demo_model_dir
-
-    vocab = json.loads((demo_model_dir() / "tokenizer.json").read_text())["model"]["vocab"]
-    return [i for _, i in sorted(((-len(tok), i) for tok, i in vocab.items()))[:count]]
 
 
 async def test_break_1_an_answer_too_large_for_a_frame_fails_alone(service: ServiceProcess) -> None:
     """One valid request whose answer passed the 16 MiB frame cap dropped the worker's shared
     connection: every other request in flight got 503 and /health flickered."""
-    bias = {str(t): 100 for t in _longest_tokens(2)}
+    bias = {str(t): 100 for t in longest_tokens(2)}
     big = {"prompt": "a", "max_tokens": 2040, "n": 16, "logprobs": 20, "ignore_eos": True, "logit_bias": bias}
     normal = {"prompt": "others", "max_tokens": 200, "ignore_eos": True}
     health: list[int] = []
@@ -243,46 +280,9 @@ async def test_break_1_an_answer_too_large_for_a_frame_fails_alone(service: Serv
     assert set(health) == {200}, health
 
 
-def test_break_6_a_stream_reader_that_stops_reading_costs_a_bounded_amount(service: ServiceProcess) -> None:
-    """Two streams whose clients stopped reading made the gateway buffer everything the engine
-    kept producing (RSS 94 -> 187 MB) until the 15 s stall deadline."""
-    import psutil
-
-    gateway = service.children()["gateway"]
-    bias = {str(t): 100 for t in _longest_tokens(2)}  # long tokens: large events
-    body = json.dumps({"prompt": "a", "max_tokens": 2000, "n": 16, "logprobs": 5, "ignore_eos": True,
-                       "logit_bias": bias, "stream": True}).encode()
-    before = gateway.memory_info().rss
-    peak = before
-    socks = []
-    started = time.monotonic()
-    try:
-        for _ in range(2):
-            sock = socket.create_connection(("127.0.0.1", service.port))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and then it never reads
-            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-            socks.append(sock)
-        running = 2.0
-        while time.monotonic() - started < 60:
-            peak = max(peak, gateway.memory_info().rss)
-            with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=10) as resp:
-                text = resp.read().decode()
-            running = next(float(x.split()[1]) for x in text.splitlines() if x.startswith("phi3_mini_requests_running "))
-            if running == 0 and time.monotonic() - started > 1:
-                break
-            time.sleep(0.2)
-        aborted_after_s = time.monotonic() - started
-    finally:
-        for sock in socks:
-            sock.close()
-    assert running == 0, "the streams nobody reads still run in the engine"
-    grown_mb = (peak - before) / 2**20
-    print(f"streams nobody reads: aborted after {aborted_after_s:.1f} s, gateway grew {grown_mb:.1f} MB")
-    assert grown_mb < 12, f"gateway grew {grown_mb:.0f} MB"  # 2 x 64 events of ~30 KB, decoded
-    assert psutil.pid_exists(gateway.pid)
-    status, _, payload = post_raw(service, "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2}).encode())
-    assert status == 200, payload[:300]
+# Break 6 (a stream whose client stops reading made the gateway buffer all the engine produced)
+# is tested on a service with a 1 s client_timeout_s: tests/integration/test_processes.py,
+# test_streams_whose_clients_stop_reading_are_aborted_at_a_bounded_cost.
 
 
 @pytest.mark.parametrize("name, request_bytes", [
@@ -299,3 +299,4 @@ def test_break_10_aiohttps_own_protocol_errors_are_openai_json(service: ServiceP
     doc = json.loads(payload)
     assert doc["error"]["type"] == "invalid_request_error" and doc["error"]["code"] == "invalid_http_request"
     assert b"SECRET" not in payload and b"G<T>" not in payload  # nothing of the request is echoed
+

@@ -55,14 +55,17 @@ def test_chat_uses_the_phi3_template(client: openai.OpenAI, base_url: str) -> No
 
 def test_chat_streaming_first_chunk_has_the_role(client: openai.OpenAI) -> None:
     chunks = list(client.chat.completions.create(model="phi-3-mini", messages=MESSAGES, max_tokens=5, stream=True,
-                                                 stream_options={"include_usage": True}, extra_body=NO_EOS))
+                                                 temperature=0, stream_options={"include_usage": True},
+                                                 extra_body=NO_EOS))
     assert chunks[0].object == "chat.completion.chunk"
     assert chunks[0].choices[0].delta.role == "assistant"
     body = [c for c in chunks if c.choices]
     assert body[-1].choices[0].finish_reason == "length"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
     text = "".join(c.choices[0].delta.content or "" for c in body)
-    assert isinstance(text, str)
+    whole = client.chat.completions.create(model="phi-3-mini", messages=MESSAGES, max_tokens=5, temperature=0,
+                                           extra_body=NO_EOS)
+    assert text == whole.choices[0].message.content  # the deltas add up to the answer
 
 
 async def test_chat_async_streaming_and_not(aclient: openai.AsyncOpenAI) -> None:

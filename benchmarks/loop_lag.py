@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,22 +28,11 @@ sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
 
-from service.local import ServiceProcess, demo_model_dir  # noqa: E402
+from service.local import ServiceProcess, busy_cores, longest_tokens  # noqa: E402
 from shared.engine_client import EngineClient  # noqa: E402
 
 PROBE_EVERY_S = 0.05
 
-
-def longest_tokens(count: int) -> list[int]:
-    """The demo model's longest tokens: biased towards them, an answer's events are large."""
-    vocab = json.loads((demo_model_dir() / "tokenizer.json").read_text())["model"]["vocab"]
-    return [i for _, i in sorted(((-len(tok), i) for tok, i in vocab.items()))[:count]]
-
-
-def burners(bound_s: float) -> list[subprocess.Popen[bytes]]:
-    """A CPU-bound process per core, for at most bound_s."""
-    loop = f"import time\nend = time.monotonic() + {bound_s}\nwhile time.monotonic() < end: pass"
-    return [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(os.cpu_count() or 2)]
 
 
 async def _probe(svc: ServiceProcess, stop: asyncio.Event) -> dict[str, list[float]]:
@@ -154,13 +142,8 @@ if __name__ == "__main__":
     parser.add_argument("--busy", action="store_true", help="keep every core taken by CPU-bound processes")
     parser.add_argument("--out", default="loop_lag.json")
     args = parser.parse_args()
-    busy = burners(1800) if args.busy else []
-    try:
+    with busy_cores(1800) if args.busy else contextlib.nullcontext():
         result = asyncio.run(main(args))
-    finally:
-        for proc in busy:
-            proc.kill()
-            proc.wait(10)
     out = ROOT / "benchmarks" / "results" / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

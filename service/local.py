@@ -1,5 +1,5 @@
 """`citadel-llm serve` as a child process on free ports of 127.0.0.1, with its own runtime
-dir: what the test suite and the benchmarks start and stop."""
+dir: what the test suite and the benchmarks start and stop, and what they load it with."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -134,3 +135,23 @@ class ServiceProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def longest_tokens(count: int) -> list[int]:
+    """The ids of the demo model's `count` longest tokens (to bias answers towards large events)."""
+    vocab = json.loads((demo_model_dir() / "tokenizer.json").read_text())["model"]["vocab"]
+    return [i for _, i in sorted(((-len(tok), i) for tok, i in vocab.items()))[:count]]
+
+
+@contextmanager
+def busy_cores(bound_s: float = 900.0) -> Iterator[None]:
+    """A CPU-bound process per core, at the caller's priority, until the block ends (and never
+    longer than bound_s): a host whose cores others take."""
+    loop = f"import time\nend = time.monotonic() + {bound_s}\nwhile time.monotonic() < end: pass"
+    burners = [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(os.cpu_count() or 2)]
+    try:
+        yield
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait(10)

@@ -1,18 +1,14 @@
-"""What the tests share: the local service process (service/local.py), eager unless a test asks
-for the compiled path, and a bounded poll."""
+"""What the tests share: the local service process (service/local.py), eager and with the
+EngineCore on a thread unless a test asks otherwise, and a bounded poll."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from service import local
-from service.local import ROOT, STARTUP_TIMEOUT_S, demo_model_dir, free_port
+from service.local import ROOT, STARTUP_TIMEOUT_S, busy_cores, demo_model_dir, free_port, longest_tokens
 
 __all__ = ["ROOT", "STARTUP_TIMEOUT_S", "ServiceProcess", "demo_model_dir", "busy_cores", "free_port", "longest_tokens", "running", "wait_for"]
 
@@ -49,22 +45,3 @@ def wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
-
-def longest_tokens(count: int) -> list[int]:
-    """The ids of the demo model's `count` longest tokens (to bias answers towards large events)."""
-    vocab = json.loads((demo_model_dir() / "tokenizer.json").read_text())["model"]["vocab"]
-    return [i for _, i in sorted(((-len(tok), i) for tok, i in vocab.items()))[:count]]
-
-
-@contextmanager
-def busy_cores(bound_s: float = 900.0) -> Iterator[None]:
-    """A CPU-bound process per core, at the caller's priority, until the block ends (and never
-    longer than bound_s): a host whose cores others take."""
-    loop = f"import time\nend = time.monotonic() + {bound_s}\nwhile time.monotonic() < end: pass"
-    burners = [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(os.cpu_count() or 2)]
-    try:
-        yield
-    finally:
-        for burner in burners:
-            burner.kill()
-            burner.wait(10)

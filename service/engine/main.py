@@ -173,7 +173,6 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
         for task in (watch, stopped, watchdog):
             task.cancel()
         await asyncio.gather(watch, stopped, watchdog, return_exceptions=True)
-        await server.loop_lag.close()
         # Ordered shutdown: stop accepting, drain, cancel the rest, release the engine.
         listener.close()
         control.close()
@@ -182,6 +181,7 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
         else:
             await server.drain(0)
     finally:
+        await server.loop_lag.close()
         with contextlib.suppress(Exception):
             listener.close()
             control.close()

@@ -216,7 +216,7 @@ OUTLASTS_THE_DEADLINE = {"max_tokens": 2000, "n": 16, "ignore_eos": True}
 
 
 def admission(svc: ServiceProcess) -> dict:
-    """/efficiency's admission counters and the engine's refusals by reason."""
+    """/efficiency's admission counters, and the refusals by reason of the engine and the gateway."""
     with urllib.request.urlopen(svc.base_url + "/efficiency", timeout=10) as resp:
         doc = json.loads(resp.read())
     return {**doc["admission"], "refused": doc["refused"]["engine"], "gateway": doc["refused"]["gateway"]}
@@ -269,7 +269,7 @@ def test_overload_is_refused_with_429_and_every_request_is_answered_once(own_ser
     assert after["gateway"]["overloaded"] - before["gateway"]["overloaded"] == len(refused), (before, after)
     assert after["gateway"]["deadline"] - before["gateway"]["deadline"] == statuses.count(504), (before, after)
     assert after["admitted_total"] - before["admitted_total"] == 100 - len(refused), (before, after)
-    wait_for(lambda: admission(own_service)["in_flight"] == 0 == admission(own_service)["queued"], 30,
+    wait_for(lambda: (now := admission(own_service))["in_flight"] == 0 == now["queued"], 30,
              "in-flight and queued back to 0")
 
 
@@ -428,10 +428,10 @@ def test_sigterm_drains_then_stops_everything_cleanly(own_service: ServiceProces
     assert len(tree) >= 5  # serve, engine, EngineCore, gateway, orchestrator
     # a request that generates for about 3 s at the pace measured now (within the 6 s
     # deadline): the drain keeps the listener open, answering 503, while it runs
+    tokens = tokens_for(own_service, seconds=3.0)
     result: dict = {}
     in_flight = threading.Thread(target=lambda: result.update(
         zip(("status", "body"), post(own_service, {"prompt": "drain me", "max_tokens": tokens, "ignore_eos": True}))))
-    tokens = tokens_for(own_service, seconds=3.0)
     in_flight.start()
     wait_for(lambda: engine_running(own_service) == 1, 30, "the request to be in flight")
     assert own_service.proc is not None

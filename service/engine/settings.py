@@ -26,8 +26,9 @@ GIB = 1 << 30
 OTHER_PROCESSES_BYTES = int(0.9 * GIB)
 # The same with the EngineCore on a thread of the engine worker (engine_core: thread): the
 # front end is then inside the process vLLM measures, and the others are serve, gateway and
-# orchestrator (measured 100 MB together at idle).
-OTHER_PROCESSES_THREAD_BYTES = int(0.25 * GIB)
+# orchestrator (measured 98 MiB of RSS together at idle, 26 + 44 + 28, with Phi-3-mini in a
+# 4 GiB cgroup; benchmarks/memory_ledger.py), with room for the gateway's connections.
+OTHER_PROCESSES_THREAD_BYTES = int(0.15 * GIB)
 # What the EngineCore gains under load beyond its measured footprint (activations of a full
 # token budget, oneDNN's primitive cache, request state): +90 MB on the demo model over 20
 # overload passes (issue 14), more for larger models; kept free so that load never pushes the
@@ -226,7 +227,11 @@ def prepare_environment(config: Phi3MiniConfig, cpu: bool) -> dict[str, str]:
         # (Fixed MALLOC_TRIM_THRESHOLD_/MALLOC_MMAP_THRESHOLD_ were tried: no lower peak RSS
         # and 8-9 % fewer requests/s, every 128 KiB tensor becoming an mmap.)
     }
+    from service.engine import vllm_patches
     from service.engine.lean_imports import ENV, UNUSED, UNUSED_ON_CPU
+
+    env[vllm_patches.ENABLE_ENV] = "1"
+    env[vllm_patches.PREPARED_ENV] = str(prepared_weights_dir())
 
     env[ENV] = ",".join(UNUSED + UNUSED_ON_CPU if cpu else UNUSED)
     if cpu:
@@ -236,6 +241,14 @@ def prepare_environment(config: Phi3MiniConfig, cpu: bool) -> dict[str, str]:
             env["OMP_PLACES"] = "{" + ",".join(map(str, cpus)) + "}"
             env["OMP_PROC_BIND"] = "true"
     return env
+
+
+def prepared_weights_dir() -> Path:
+    """Where a quantized checkpoint's weights are kept as vLLM runs them (service/engine/
+    prepared_weights.py): the user's cache ($XDG_CACHE_HOME; systemd's CacheDirectory in the
+    unit), never the model's folder, which may be read-only."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "citadel-llm" / "prepared-weights"
 
 
 def engine_args(config: Phi3MiniConfig, model: ModelChoice, cpu: bool, core_on_thread: bool = False) -> Any:

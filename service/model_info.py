@@ -61,9 +61,9 @@ def _static_model(config: Phi3MiniConfig) -> tuple[str, bool]:
 def _static_dtype(config: Phi3MiniConfig) -> str:
     """What the engine would serve in: the engine's own rule (bfloat16 for `auto` on a CPU with
     bf16 instructions), not a second one."""
-    from service.engine.settings import cpu_host, resolve_dtype
+    from service.engine.settings import cpu_host, serving_dtype
 
-    return resolve_dtype(config, cpu_host())
+    return serving_dtype(config, Path(_static_model(config)[0]), cpu_host())
 
 
 def _handshake(config: Phi3MiniConfig) -> Any:

@@ -144,7 +144,7 @@ async def _main(config: Phi3MiniConfig, cpu: bool) -> int:
         gc.freeze()
         listener = await _listen(loop, server.connection, socket_path)
         control = await _listen(loop, server.control_connection, config.control_socket_path())
-    except settings.ModelDoesNotFit as exc:  # a configuration error: its reason, no traceback
+    except settings.StartRefused as exc:  # a configuration or host that cannot serve: its reason, no traceback
         log.error("engine failed to start", reason=str(exc))
         return EXIT_START_FAILED
     except Exception:

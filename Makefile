@@ -99,6 +99,12 @@ bench: install demo-model real-model tools
 	  --slo-ms $(REAL_MODEL_SLO_MS) --out goodput_real_model.json
 	CITADEL_BENCH_MODEL=$(REAL_MODEL) $(PY) benchmarks/loadgen_check.py --rounds 1 --out loadgen_check_real_model.json
 
+# Phi-3-mini's envelope (issue 31): the 4-bit shapes in a 4 GiB cgroup, this service against
+# llama.cpp's llama-server (built from source into /var/tmp/citadel-llama-cpp the first time).
+.PHONY: bench-envelope
+bench-envelope: install tools
+	$(PY) benchmarks/envelope.py
+
 # True-size Phi-3-mini (random weights, 7.6 GB in bfloat16), one system at a time: over an hour here.
 .PHONY: bench-full
 bench-full: install tools

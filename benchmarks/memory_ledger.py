@@ -45,6 +45,18 @@ def _status_kib(pid: int, field: str) -> int:
     return 0
 
 
+def major_faults(server: Any) -> int:
+    """Page faults of the tree that had to read from disk (/proc/PID/stat's majflt): a tree whose
+    file-backed pages (mapped weights, libraries) the kernel evicts under the limit and reads back."""
+    total = 0
+    for proc in server._tree():
+        try:
+            total += int(Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[9])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 def rollup(pid: int) -> dict[str, int]:
     """smaps_rollup in MiB: Rss, Anonymous, file-backed (Rss - Anonymous - Shmem)."""
     out: dict[str, int] = {}
@@ -215,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
             report["idle"] = idle_ledger(server, group)
             if args.burst:
                 sampler = Sampler(server, group)
+                faults = major_faults(server)
                 report["bursts"] = [burst(server, args.burst, args.prompt_tokens, args.output_tokens) for _ in range(2)]
-                report["load"] = sampler.stop()
+                report["load"] = {**sampler.stop(), "major_faults": major_faults(server) - faults}
             report.update(oom_kills=group.oom_kills(), group_peak_mb=group.peak_bytes() >> 20,
                           alive=server.proc.poll() is None)
         finally:

@@ -83,3 +83,14 @@ def test_a_four_bit_checkpoint_is_served_in_bfloat16_on_any_cpu(tmp_path: Path) 
     (tmp_path / "config.json").write_text("{}")
     assert checkpoint_quantization(auto, tmp_path) == ""
     assert checkpoint_quantization(Phi3MiniConfig(quantization="awq"), tmp_path) == "awq"
+
+
+def test_a_four_bit_checkpoint_on_a_cpu_without_the_kernel_is_refused_before_loading(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.engine import settings
+
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq"}}))
+    monkeypatch.setattr(settings, "host_runs_four_bit", lambda: False)
+    model = settings.ModelChoice(tmp_path, demo=False)
+    with pytest.raises(settings.StartRefused, match=r"no AVX-512.*4-bit GEMM \(cpu_gemm_wna16\)"):
+        settings.engine_args(Phi3MiniConfig(), model, cpu=True)

@@ -123,7 +123,7 @@ def _patch_loader() -> None:
 
         log = init_logger("citadel.weights")
         started = time.monotonic()
-        prepared = _prepared_folder(model_config)
+        prepared = _prepared_folder(vllm_config, model_config)
         cache = prepared[0] if prepared else None
         if cache is not None and _is_whole(cache):
             model, mapped = _load_prepared(self, vllm_config, model_config, prefix, cache)
@@ -137,7 +137,7 @@ def _patch_loader() -> None:
             if prepared is not None:
                 written = _save_prepared(model, *prepared)
                 how += f"; prepared weights written to {cache} ({written / 2**30:.2f} GiB)"
-        _drop_head_weight(model)
+            _drop_head_weight(model)
         trim_heap()
         log.info("%s in %.1f s; anonymous memory %d MiB", how, time.monotonic() - started, _rss_anon_mib())
         return model
@@ -145,7 +145,7 @@ def _patch_loader() -> None:
     BaseModelLoader.load_model = load_model
 
 
-def _prepared_folder(model_config: Any) -> tuple[Path, dict[str, Any]] | None:
+def _prepared_folder(vllm_config: Any, model_config: Any) -> tuple[Path, dict[str, Any]] | None:
     """The prepared weights' folder of this checkpoint and these settings, and what it was
     named from; None when not used (no folder configured, or an unquantized checkpoint, which
     has nothing to repack)."""
@@ -155,7 +155,8 @@ def _prepared_folder(model_config: Any) -> tuple[Path, dict[str, Any]] | None:
     from service.engine import prepared_weights
 
     settings = {"dtype": str(model_config.dtype), "quantization": model_config.quantization,
-                "max_model_len": model_config.max_model_len}
+                "max_model_len": model_config.max_model_len,
+                "kv_cache_dtype": str(vllm_config.cache_config.cache_dtype)}  # the attention layers' scales
     ident = prepared_weights.identity(Path(model_config.model), settings)
     return prepared_weights.folder(Path(root), ident), ident
 

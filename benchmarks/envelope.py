@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
 import time
@@ -34,6 +33,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 MODELS = Path("/var/tmp/citadel-full-size")
+
+from service.local import drop_page_cache  # noqa: E402
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,15 +50,6 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--spec-concurrency", default="1,16")
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args(argv)
-
-
-def _drop_page_cache(path: Path) -> None:
-    for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def _measure(server: Any, group: Any, args: argparse.Namespace, row: dict[str, Any]) -> None:
@@ -100,7 +92,7 @@ def run_citadel(args: argparse.Namespace) -> dict[str, Any]:
     row: dict[str, Any] = {"system": "citadel-llm", "weights": "GPTQ 4-bit g128 (2.28 GB)"}
     if not any(prepared_weights_dir().glob("*/manifest.json")):
         row["first_start"] = _start_only(args, model)  # the start that repacks and prepares
-    _drop_page_cache(prepared_weights_dir())
+    drop_page_cache(prepared_weights_dir())
     with limited_memory(int(args.memory_gb * (1 << 30))) as group:
         server = start_citadel(Phi3MiniConfig(), "citadel", preexec_fn=group.join, model_path=str(model),
                                memory_gb=str(args.memory_gb), cpu_cores="2", max_model_len="2048",
@@ -120,7 +112,7 @@ def _start_only(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     from shared.config import Phi3MiniConfig
     from tests.cgroups import limited_memory
 
-    _drop_page_cache(model)
+    drop_page_cache(model)
     with limited_memory(int(args.memory_gb * (1 << 30))) as group:
         server = start_citadel(Phi3MiniConfig(), "citadel", preexec_fn=group.join, model_path=str(model),
                                memory_gb=str(args.memory_gb), kv_cache_dtype="fp8", dtype="auto", enforce_eager="true")
@@ -142,7 +134,7 @@ def run_llama(args: argparse.Namespace) -> dict[str, Any]:
     bin_dir = llama_cpp.build()
     f16 = llama_cpp.phi3_gguf(args.models_dir / "gptq", args.models_dir / "phi3-mini-f16.gguf")
     gguf = llama_cpp.quantize(bin_dir, f16, args.models_dir / "phi3-mini-Q4_K_M.gguf")
-    _drop_page_cache(gguf)
+    drop_page_cache(gguf)
     row: dict[str, Any] = {"system": "llama-server", "weights": f"Q4_K_M ({gguf.stat().st_size / 1e9:.2f} GB)",
                            "kv_tokens": args.llama_ctx,
                            "settings": " ".join(llama_cpp.server_args(gguf, args.llama_ctx, args.llama_slots, 2)[2:])}

@@ -67,7 +67,7 @@ def rollup(pid: int) -> dict[str, int]:
                 out[parts[0].rstrip(":")] = int(parts[1])
     except OSError:
         return {}
-    rss, anon, shmem = out.get("Rss", 0), out.get("Anonymous", 0), out.get("Shmem", 0) if "Shmem" in out else 0
+    rss, anon, shmem = out.get("Rss", 0), out.get("Anonymous", 0), out.get("Shmem", 0)
     return {"rss": rss >> 10, "anon": anon >> 10, "file": (rss - anon - shmem) >> 10, "swap": out.get("Swap", 0) >> 10}
 
 

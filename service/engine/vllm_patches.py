@@ -51,13 +51,18 @@ def _rss_anon_mib() -> int:
     return 0
 
 
-def trim_heap() -> None:
+def malloc_trim() -> None:
     """Hand the heap's free pages back to the system (glibc; a no-op elsewhere)."""
-    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def trim_heap() -> None:
+    """malloc_trim() after a collection: what the Python objects held goes back too."""
+    gc.collect()
+    malloc_trim()
 
 
 def register() -> None:
@@ -111,6 +116,15 @@ def _patch_wna16() -> None:
                 and cpu._get_isa_hint(getattr(layer, self.w_s_name).dtype) == "vec")
 
     def process_weights_after_loading(self: Any, layer: torch.nn.Module) -> None:
+        repack(self, layer)
+        if not is_weights_pre_processed():
+            # Each repack frees the checkpoint's tensors into glibc's heap, and the next one's
+            # allocations reuse them only in part: measured on Phi-3-mini, the engine's heap grew
+            # by ~37 MiB a layer (+1.2 GiB, 4.08 GiB anonymous at its peak: an OOM kill in
+            # 4 GiB) unless the free pages are handed back after each layer.
+            malloc_trim()
+
+    def repack(self: Any, layer: torch.nn.Module) -> None:
         if torch_int4(self, layer):
             if self.w_zp_name is not None:
                 setattr(layer, self.w_zp_name, None)

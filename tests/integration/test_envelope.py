@@ -115,7 +115,10 @@ def test_the_next_start_maps_them_and_serves_inside_4_gib(first_start: dict, mod
             engine = svc.children()["engine"].pid
             card = _card(svc)
             assert card["kv_cache_tokens"] >= 2048
-            long_prompt = [100 + (i * 37) % 30000 for i in range(min(card["kv_cache_tokens"], 2048) - 64)]
+            # Two chunks of prefill (max_num_batched_tokens): the largest activations a step has,
+            # and attention over a chunk already cached; a longer prompt costs only time.
+            chunk = int(ENVELOPE["max_num_batched_tokens"])
+            long_prompt = [100 + (i * 37) % 30000 for i in range(chunk + 64)]
             results = asyncio.run(_load(svc.base_url, long_prompt))
             assert [status for status, _ in results] == [200] * len(results)
             assert [tokens for _, tokens in results] == [8] * 16 + [20] * 8 + [4]

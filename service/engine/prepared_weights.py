@@ -133,7 +133,8 @@ class Mapped:
         manifest = json.loads((path / MANIFEST).read_text())
         self.aliases: dict[str, str] = manifest["aliases"]
         self._entries: dict[str, Any] = manifest["tensors"]
-        with open(path / DATA_FILE, "rb") as f:
+        self.data_file = (path / DATA_FILE).resolve()
+        with open(self.data_file, "rb") as f:
             self._map = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self._map.madvise(mmap.MADV_WILLNEED)  # a cold page cache: read ahead while the model is built
         self._base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
@@ -168,3 +169,15 @@ class Mapped:
                 faulted += entry["nbytes"]
         self.tensors = {}
         return faulted, released
+
+
+def resident_bytes(data_file: Path, smaps: Path = Path("/proc/self/smaps")) -> int:
+    """The bytes of `data_file` mapped and resident in this process (smaps' Rss of its mappings)."""
+    total, inside = 0, False
+    for line in smaps.read_text().splitlines():
+        head, _, rest = line.partition(" ")
+        if not head.endswith(":"):  # a mapping's first line: addresses, mode, offset, device, inode, path
+            inside = rest.rstrip().endswith(str(data_file))
+        elif inside and head == "Rss:":
+            total += int(rest.split()[0]) << 10
+    return total

@@ -4,6 +4,7 @@ pure logic on real files, no engine."""
 from __future__ import annotations
 
 import json
+import mmap
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,19 @@ def test_settle_releases_what_the_model_no_longer_holds(tmp_path: Path) -> None:
     faulted, released = mapped.settle({kept.data_ptr(), emb.data_ptr()}, cold={"emb"})
     assert (faulted, released) == (4096 * 4, 4096 * 4)
     assert torch.equal(kept, torch.ones(4096)) and torch.equal(emb, torch.ones(4096))
+
+
+def test_the_resident_bytes_are_those_of_the_pages_faulted_in_and_fall_when_released(tmp_path: Path) -> None:
+    folder = tmp_path / "k"
+    pw.save(folder, {"a": torch.ones(256 * 1024), "b": torch.ones(256 * 1024)}, {}, {})  # 1 MiB each
+    mapped = pw.Mapped(folder)
+    a = mapped.tensors["a"]
+    mapped.settle({a.data_ptr()}, cold=set())  # faults "a" in, releases "b"
+    assert pw.resident_bytes(mapped.data_file) == 1 << 20
+    mapped._map.madvise(mmap.MADV_DONTNEED)  # as the kernel may under pressure: clean pages, dropped
+    assert pw.resident_bytes(mapped.data_file) == 0
+    assert torch.equal(a, torch.ones(256 * 1024))  # and read again on use
+    assert pw.resident_bytes(tmp_path / "not-mapped") == 0
 
 
 def test_a_folder_without_its_manifest_is_not_whole(tmp_path: Path) -> None:

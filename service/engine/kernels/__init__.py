@@ -20,6 +20,7 @@ SOURCE = Path(__file__).with_name("w4a8.c")
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp", "-shared", "-fPIC")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 BLOCK = 16  # outputs per block: one int32 lane each
+LAYOUT = 1  # of pack()'s output: part of the prepared weights' name, raised with any change to it
 
 
 def supported(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:

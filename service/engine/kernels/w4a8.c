@@ -24,22 +24,23 @@ static inline float bf16_to_float(uint16_t v) {
 
 /* x: [M][K] bfloat16 -> xq: [M][K] int8, xs: [M][K/g] scales, xsum: [M][K/g] sums of xq */
 static void quantize(const uint16_t *x, int64_t M, int64_t K, int64_t g, int8_t *xq, float *xs, int32_t *xsum) {
-    for (int64_t m = 0; m < M; m++) {
-        for (int64_t gi = 0; gi < K / g; gi++) {
-            const uint16_t *src = x + m * K + gi * g;
-            float amax = 0.f;
-            for (int64_t k = 0; k < g; k++) amax = fmaxf(amax, fabsf(bf16_to_float(src[k])));
-            float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-            int32_t sum = 0;
-            for (int64_t k = 0; k < g; k++) {
-                int32_t q = (int32_t)nearbyintf(bf16_to_float(src[k]) * inv);
-                q = q > 127 ? 127 : (q < -127 ? -127 : q);
-                xq[m * K + gi * g + k] = (int8_t)q;
-                sum += q;
-            }
-            xs[m * (K / g) + gi] = scale;
-            xsum[m * (K / g) + gi] = sum;
+    const int64_t groups = K / g;
+#pragma omp parallel for schedule(static) if (M > 4) /* a prefill chunk: 1,024 rows */
+    for (int64_t at = 0; at < M * groups; at++) {
+        const int64_t m = at / groups, gi = at % groups;
+        const uint16_t *src = x + m * K + gi * g;
+        float amax = 0.f;
+        for (int64_t k = 0; k < g; k++) amax = fmaxf(amax, fabsf(bf16_to_float(src[k])));
+        const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        int32_t sum = 0;
+        for (int64_t k = 0; k < g; k++) {
+            int32_t q = (int32_t)nearbyintf(bf16_to_float(src[k]) * inv);
+            q = q > 127 ? 127 : (q < -127 ? -127 : q);
+            xq[m * K + gi * g + k] = (int8_t)q;
+            sum += q;
         }
+        xs[at] = scale;
+        xsum[at] = sum;
     }
 }
 
@@ -65,7 +66,7 @@ int citadel_w4a8_mm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, c
     }
     quantize(x, M, K, g, xq, xs, xsum);
     const __m512i low = _mm512_set1_epi8(0x0f);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 8) /* a thread preempted by the gateway or the event loop holds up only its own blocks */
     for (int64_t nb = 0; nb < N / 16; nb++) {
         const uint8_t *wb = w + nb * (K / 8) * 64;
         const float *sb = s + nb * groups * 16;

@@ -221,6 +221,7 @@ def _w4a8_builds() -> bool:
         return False
     try:
         kernels.load()
+        kernels.register()
     except (OSError, subprocess.SubprocessError) as err:
         from vllm.logger import init_logger
 

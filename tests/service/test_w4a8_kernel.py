@@ -44,3 +44,12 @@ def test_shapes_it_cannot_take_are_refused() -> None:
     codes, scales, _ = _weights(40, 128, 32)  # 40 outputs: not blocks of 16
     with pytest.raises(ValueError, match="N % 16"):
         kernels.pack(codes, scales, 32)
+
+
+def test_torch_compile_keeps_it_one_operator() -> None:
+    kernels.register()  # as the engine does before vLLM compiles the model
+    codes, scales, _ = _weights(32, 256, 128)
+    packed, packed_scales = kernels.pack(codes, scales, 128)
+    compiled = torch.compile(lambda x: kernels.mm(x, packed, packed_scales, 128) * 2, fullgraph=True)
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    assert torch.equal(compiled(x), kernels.mm(x, packed, packed_scales, 128) * 2)

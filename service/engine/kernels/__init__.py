@@ -80,14 +80,42 @@ def pack(codes: Any, scales: Any, group: int) -> tuple[Any, Any]:
     return packed, s
 
 
+_registered = False
+
+
 def mm(x: Any, packed: Any, scales: Any, group: int) -> Any:
-    """x [M, K] bfloat16 times the packed weight: [M, N] bfloat16."""
+    """x [M, K] bfloat16 times the packed weight: [M, N] bfloat16. A torch operator
+    (`torch.ops.citadel.w4a8_mm`), so that torch.compile keeps it whole rather than tracing ctypes."""
     import torch
 
-    x = x.contiguous()
-    m, k = x.shape
-    n = packed.shape[0] * BLOCK
-    out = torch.empty(m, n, dtype=torch.bfloat16)
-    if load().citadel_w4a8_mm(x.data_ptr(), m, k, packed.data_ptr(), scales.data_ptr(), n, group, out.data_ptr()):
-        raise MemoryError("w4a8: out of memory for the quantized activations")
-    return out
+    if not _registered:
+        register()
+    return torch.ops.citadel.w4a8_mm(x, packed, scales, group)
+
+
+def register() -> None:
+    """Make the operator; before a model that uses it is compiled (torch.compile cannot trace this)."""
+    global _registered
+    import torch
+
+    if _registered:
+        return
+
+    # (the schema spelled out: this module's annotations are strings, and torch is imported late,
+    # after the engine's environment is set)
+    @torch.library.custom_op("citadel::w4a8_mm", mutates_args=(),
+                             schema="(Tensor x, Tensor packed, Tensor scales, int group) -> Tensor")
+    def w4a8_mm(x: Any, packed: Any, scales: Any, group: int) -> Any:
+        x = x.contiguous()
+        m, k = x.shape
+        n = packed.shape[0] * BLOCK
+        out = torch.empty(m, n, dtype=torch.bfloat16)
+        if load().citadel_w4a8_mm(x.data_ptr(), m, k, packed.data_ptr(), scales.data_ptr(), n, group, out.data_ptr()):
+            raise MemoryError("w4a8: out of memory for the quantized activations")
+        return out
+
+    @w4a8_mm.register_fake
+    def _(x: Any, packed: Any, scales: Any, group: int) -> Any:
+        return x.new_empty(x.shape[0], packed.shape[0] * BLOCK, dtype=torch.bfloat16)
+
+    _registered = True

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -88,8 +89,9 @@ def test_engine_processes_do_not_load_what_vllm_leaves_unused_on_cpu(own_service
 
 
 
-def _stream_outcome(svc: ServiceProcess) -> tuple[str, float]:
-    """Stream a long completion; how it ended ("error" event, "done", "cut") and when."""
+def _stream_outcome(svc: ServiceProcess, began: threading.Event | None = None) -> tuple[str, float]:
+    """Stream a long completion; how it ended ("error" event, "done", "cut") and when; `began`
+    is set at its first token."""
     req = urllib.request.Request(svc.base_url + "/v1/completions", method="POST", headers={"Content-Type": "application/json"},
                                  data=json.dumps({"prompt": "s", "max_tokens": 1500, "ignore_eos": True,
                                                   "stream": True}).encode())
@@ -100,6 +102,8 @@ def _stream_outcome(svc: ServiceProcess) -> tuple[str, float]:
                 line = raw.decode().strip()
                 if line.startswith("data: {") and '"error"' in line:
                     saw_error = True
+                elif line.startswith("data: {") and began is not None:
+                    began.set()
                 if line == "data: [DONE]":
                     return ("error" if saw_error else "done"), time.monotonic()
     except urllib.error.HTTPError as exc:  # failed before its first event: a plain JSON error
@@ -121,16 +125,20 @@ def test_engine_killed_with_50_in_flight_answers_all_and_is_replaced(own_service
     engine_core = engine.children(recursive=True)
     assert engine_core, "vLLM's EngineCore runs as the engine worker's child"
 
+    began = threading.Event()
+
     def one(i: int) -> tuple[str, float]:
         if i % 3 == 0:
-            return _stream_outcome(own_service)
+            return _stream_outcome(own_service, began)
         status, _ = post(own_service, {"prompt": "x", "max_tokens": 1500, "ignore_eos": True})
         return str(status), time.monotonic()
 
     with ThreadPoolExecutor(max_workers=50) as pool:
         futures = [pool.submit(one, i) for i in range(50)]
-        # the requests are in the engine (or on their way to it) when it dies
-        wait_for(lambda: engine_running(own_service) >= 1, 30, "requests to be running")
+        # the requests are in the engine (or on their way to it) when it dies: killed at a stream's
+        # first token, not at the next sample of a gauge (on a busy host that came after the
+        # requests' 6 s deadline: every one answered 504 before the kill)
+        assert began.wait(30), "a stream's first token"
         engine.send_signal(signal.SIGKILL)
         wait_for(lambda: health_status(own_service) == (503, "unavailable"), 30, "/health to say unavailable")
         outcomes = [f.result(timeout=60) for f in futures]

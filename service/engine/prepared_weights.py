@@ -37,11 +37,19 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_t
 ENV_SETTINGS = ("VLLM_CPU_INT4_W4A8", "VLLM_CPU_SGL_KERNEL")
 
 
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU's instruction-set flags (/proc/cpuinfo's first `flags` line); none if unreadable."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def _cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
-    for line in cpuinfo.read_text().splitlines():
-        if line.startswith("flags"):
-            return sorted(set(line.split(":", 1)[1].split()) & set(CPU_FLAGS))
-    return []
+    return sorted(cpu_flags(cpuinfo) & set(CPU_FLAGS))
 
 
 def _checkpoint_id(model_dir: Path) -> str:

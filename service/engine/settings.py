@@ -82,13 +82,9 @@ def cpu_host() -> bool:
 
 def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether the CPU has bfloat16 instructions (AVX512-BF16 or AMX-BF16)."""
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                return bool(NATIVE_BF16_FLAGS & set(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return False
+    from service.engine.prepared_weights import cpu_flags
+
+    return bool(NATIVE_BF16_FLAGS & cpu_flags(cpuinfo))
 
 
 def resolve_dtype(config: Phi3MiniConfig, cpu: bool, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
@@ -284,8 +280,13 @@ def prepared_weights_dir() -> Path:
     """Where a quantized checkpoint's weights are kept as vLLM runs them (service/engine/
     prepared_weights.py): the user's cache ($XDG_CACHE_HOME; systemd's CacheDirectory in the
     unit), never the model's folder, which may be read-only."""
+    return cache_dir() / "prepared-weights"
+
+
+def cache_dir() -> Path:
+    """This service's folder in the user's cache ($XDG_CACHE_HOME, else ~/.cache)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "citadel-llm" / "prepared-weights"
+    return Path(base) / "citadel-llm"
 
 
 def engine_args(config: Phi3MiniConfig, model: ModelChoice, cpu: bool, core_on_thread: bool = False) -> Any:

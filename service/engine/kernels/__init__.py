@@ -25,12 +25,9 @@ LAYOUT = 1  # of pack()'s output: part of the prepared weights' name, raised wit
 
 def supported(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether this CPU has the instructions the kernel is built for."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return all(flag in flags for flag in CPU_FLAGS)
+    from service.engine.prepared_weights import cpu_flags
+
+    return set(CPU_FLAGS) <= cpu_flags(cpuinfo)
 
 
 def _compiler() -> str:
@@ -44,8 +41,9 @@ def library_path(cache_dir: Path) -> Path:
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "citadel-llm" / "kernels"
+    from service.engine.settings import cache_dir
+
+    return cache_dir() / "kernels"
 
 
 @cache
@@ -84,13 +82,26 @@ _registered = False
 
 
 def mm(x: Any, packed: Any, scales: Any, group: int) -> Any:
-    """x [M, K] bfloat16 times the packed weight: [M, N] bfloat16. A torch operator
-    (`torch.ops.citadel.w4a8_mm`), so that torch.compile keeps it whole rather than tracing ctypes."""
+    """x [M, K] bfloat16 times the packed weight: [M, N] bfloat16. Eager, a direct call (no
+    dispatcher on a path taken 128 times a step); under torch.compile, the torch operator
+    `torch.ops.citadel.w4a8_mm` (register() first), which it keeps whole."""
     import torch
 
-    if not _registered:
-        register()
-    return torch.ops.citadel.w4a8_mm(x, packed, scales, group)
+    if torch.compiler.is_compiling():
+        return torch.ops.citadel.w4a8_mm(x, packed, scales, group)
+    return _mm(x, packed, scales, group)
+
+
+def _mm(x: Any, packed: Any, scales: Any, group: int) -> Any:
+    import torch
+
+    x = x.contiguous()
+    m, k = x.shape
+    n = packed.shape[0] * BLOCK
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    if load().citadel_w4a8_mm(x.data_ptr(), m, k, packed.data_ptr(), scales.data_ptr(), n, group, out.data_ptr()):
+        raise MemoryError("w4a8: out of memory for the quantized activations")
+    return out
 
 
 def register() -> None:
@@ -106,13 +117,7 @@ def register() -> None:
     @torch.library.custom_op("citadel::w4a8_mm", mutates_args=(),
                              schema="(Tensor x, Tensor packed, Tensor scales, int group) -> Tensor")
     def w4a8_mm(x: Any, packed: Any, scales: Any, group: int) -> Any:
-        x = x.contiguous()
-        m, k = x.shape
-        n = packed.shape[0] * BLOCK
-        out = torch.empty(m, n, dtype=torch.bfloat16)
-        if load().citadel_w4a8_mm(x.data_ptr(), m, k, packed.data_ptr(), scales.data_ptr(), n, group, out.data_ptr()):
-            raise MemoryError("w4a8: out of memory for the quantized activations")
-        return out
+        return _mm(x, packed, scales, group)
 
     @w4a8_mm.register_fake
     def _(x: Any, packed: Any, scales: Any, group: int) -> Any:

@@ -6,7 +6,7 @@
  * activations and adds them into each of 16 int32 lanes, one lane per output. The codes' offset
  * of 8 comes out once per group as 8 * sum(xq).
  *
- * Weight layout (w4a8_pack in service/engine/kernels/__init__.py): for each block of 16 outputs,
+ * Weight layout (pack() in service/engine/kernels/__init__.py): for each block of 16 outputs,
  * for each 8 inputs k..k+7, 64 bytes: byte 4*lane + j holds input k+j in its low nibble and
  * k+4+j in its high nibble. Scales: float, [N/16][K/g][16].
  */
